@@ -1,0 +1,38 @@
+"""The one root exception and its families.
+
+Every error a user can meet is a :class:`SessionManagerError` whose message is
+one sentence saying what happened and what to do.  The CLI prints it and exits
+non-zero; nothing else is caught broadly.
+"""
+
+
+class SessionManagerError(Exception):
+    """Root of every error this package raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(SessionManagerError):
+    """The user asked for something that cannot be done as asked."""
+
+    exit_code = 2
+
+
+class NotFoundError(SessionManagerError):
+    """A session, checkpoint, image or file named by the user does not exist."""
+
+
+class QemuError(SessionManagerError):
+    """QEMU is missing, too old, refused a command or died."""
+
+
+class StreamFormatError(SessionManagerError):
+    """A migration stream is truncated, malformed or from an unsupported QEMU."""
+
+
+class RepositoryError(SessionManagerError):
+    """The checkpoint repository cannot do what was asked (locked, full, ...)."""
+
+
+class CorruptionError(RepositoryError):
+    """Data in the repository is missing or does not match its hash."""
