@@ -1,0 +1,469 @@
+"""The operations a user asks for, composed from vm/ (QEMU) and store/ (the repository).
+
+No Qt here: the CLI calls these with ``asyncio.run`` and the app awaits them
+on its qasync loop.  Operations that change a session hold the session's lock,
+so an autosave and a manual checkpoint never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import shlex
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import NotFoundError, QemuError, SessionManagerError, UsageError
+from .paths import Home
+from .sessions import Session, SessionConfig, SessionState, list_sessions
+from .store.repo import CheckpointInfo, Repository
+from .vm import disk as vdisk
+from .vm.machine import Machine, RunState, Sockets, launch, wait_exit
+from .vm.qemu import Accel, choose_accelerator, command_line, find_qemu, machine_type
+from .vm.snapshot import Capture, capture, live_supported, load
+from .vm.stream import iter_segments
+
+log = logging.getLogger(__name__)
+
+DEMO_NAME = "demo"
+DEMO_APPEND = "console=ttyS0 sm.fill=64 sm.dirty=1 sm.window=16"
+ACCEL_ENV = "SESSION_MANAGER_ACCEL"  # "kvm" or "tcg": skip the probe
+LOCK_TIMEOUT = 600.0
+UFFD_ADVICE = (
+    "Live checkpoints are unavailable because this kernel denies userfaultfd to ordinary users "
+    "(vm.unprivileged_userfaultfd=0); allow it with `echo vm.unprivileged_userfaultfd=1 | sudo tee "
+    "/etc/sysctl.d/60-session-manager.conf && sudo sysctl --system` (packaging/setup.sh does this), and until "
+    "then each checkpoint pauses the session while its memory is copied."
+)
+
+
+@dataclass
+class Status:
+    name: str
+    running: bool
+    run_state: str | None
+    pid: int | None
+    accel: str | None
+    accel_reason: str | None
+    live_checkpoints: bool | None
+    head: str | None
+    saved: str | None
+    qmp_socket: str
+    vnc_socket: str
+    serial_log: str
+    qemu_log: str
+    memory_mib: int
+    cpus: int
+
+
+class Engine:
+    def __init__(self, home: Home) -> None:
+        self.home = home
+        self._repo: Repository | None = None
+
+    @property
+    def repo(self) -> Repository:
+        if self._repo is None:
+            self._repo = Repository.open(self.home.repository, create=True)
+        return self._repo
+
+    def session(self, name: str) -> Session:
+        return Session(self.home, name).require()
+
+    def sessions(self) -> list[Session]:
+        return list_sessions(self.home)
+
+    def sockets(self, session: Session) -> Sockets:
+        return Sockets(session.runtime)
+
+    # -- creating ------------------------------------------------------------
+    def new_session(
+        self,
+        name: str,
+        *,
+        disk: Path | None = None,
+        iso: Path | None = None,
+        kernel: Path | None = None,
+        initrd: Path | None = None,
+        append: str | None = None,
+        memory_mib: int = 2048,
+        cpus: int = 2,
+        disk_size: int = 32 << 30,
+    ) -> Session:
+        session = Session(self.home, name)
+        if session.exists():
+            raise UsageError(f"A session named {name!r} already exists; choose another name or delete it first.")
+        if sum(x is not None for x in (disk, iso, kernel)) != 1:
+            raise UsageError("Give exactly one of --disk IMAGE, --iso ISO or --kernel KERNEL.")
+        for label, path in (("disk image", disk), ("ISO", iso), ("kernel", kernel), ("initrd", initrd)):
+            if path is not None and not Path(path).is_file():
+                raise NotFoundError(f"The {label} {path} does not exist; check the path.")
+        if memory_mib < 64:
+            raise UsageError("--memory must be at least 64M.")
+        if cpus < 1:
+            raise UsageError("--cpus must be at least 1.")
+        qemu = find_qemu()
+        base_format = None
+        if disk is not None:
+            info = vdisk.image_info(Path(disk))
+            base_format, disk_size = info["format"], int(info["virtual-size"])
+        config = SessionConfig(
+            name=name,
+            machine=machine_type(qemu),
+            memory_mib=memory_mib,
+            cpus=cpus,
+            boot="disk" if disk else "iso" if iso else "kernel",
+            disk_size=disk_size,
+            base_image=str(Path(disk).resolve()) if disk else None,
+            base_format=base_format,
+            kernel=str(Path(kernel).resolve()) if kernel else None,
+            initrd=str(Path(initrd).resolve()) if initrd else None,
+            append=append,
+            iso=str(Path(iso).resolve()) if iso else None,
+        )
+        first = vdisk.new_layer_name()
+        session.disks.mkdir(parents=True, exist_ok=True)
+        try:
+            if disk is not None:
+                vdisk.create_overlay(session.layer_path(first), Path(config.base_image or ""), base_format or "raw", disk_size)
+            else:
+                vdisk.create_blank(session.layer_path(first), disk_size)
+            session.create(config, first)
+        except BaseException:
+            session.remove()
+            raise
+        log.info("created session %s (%s)", name, config.boot)
+        return session
+
+    def delete(self, name: str) -> int:
+        """Delete a session and forget its checkpoints; returns how many were forgotten."""
+        session = self.session(name)
+        pid = self.sockets(session).pid()
+        if pid is not None:
+            os.kill(pid, 9)
+            asyncio.run(wait_exit(pid))
+        count = 0
+        for ckpt in self.repo.checkpoints(session=name):
+            self.repo.delete_checkpoint(ckpt.id)
+            count += 1
+        session.remove()
+        return count
+
+    async def demo(self) -> Status:
+        """Create (once) and start the demo session: the test guest, counting on its screen."""
+        if not Session(self.home, DEMO_NAME).exists():
+            from .testguest import build as build_guest
+
+            kernel, initrd = await asyncio.to_thread(build_guest, self.home.cache / "testguest")
+            self.new_session(DEMO_NAME, kernel=kernel, initrd=initrd, append=DEMO_APPEND,
+                             memory_mib=512, cpus=1, disk_size=64 << 20)
+        if self.sockets(self.session(DEMO_NAME)).pid() is None:
+            return await self.start(DEMO_NAME)
+        return await self.status(DEMO_NAME)
+
+    # -- running -------------------------------------------------------------
+    def accelerator(self) -> Accel:
+        forced = os.environ.get(ACCEL_ENV)
+        if forced in ("kvm", "tcg"):
+            return Accel(forced, f"{ACCEL_ENV}={forced}")
+        from .testguest import build as build_guest
+
+        kernel, initrd = build_guest(self.home.cache / "testguest")
+        return choose_accelerator(self.home.cache, kernel, initrd)
+
+    async def start(self, name: str) -> Status:
+        """Start a session: resume its saved state if it was stopped with one, else boot it."""
+        session = self.session(name)
+        async with self._locked(session):
+            if self.sockets(session).pid() is not None:
+                raise UsageError(f"Session {name!r} is already running; use `session-manager status {name}`.")
+            state = session.load_state()
+            if state.saved:
+                await self._restore_locked(session, self.repo.get(state.saved), take_before=False)
+            else:
+                await self._launch(session, session.load_config(), session.layer_path(state.active_layer))
+                async with Machine.connect(self.sockets(session)) as m:
+                    await self._note_live_support(m, session)
+        return await self.status(name)
+
+    async def _launch(self, session: Session, config: SessionConfig, top: Path, incoming: bool = False) -> None:
+        accel = self.accelerator()
+        log.info("accelerator %s: %s", accel.name, accel.reason)
+        sockets = self.sockets(session)
+        session.state_dir.mkdir(parents=True, exist_ok=True)
+        argv = command_line(find_qemu(), config, accel=accel.name, top_layer=top, sockets=sockets,
+                            serial_log=session.serial_log, incoming=incoming)
+        launch(argv, sockets, session.qemu_log)
+        (sockets.runtime / "accel").write_text(f"{accel.name}\n{accel.reason}\n")
+
+    async def _note_live_support(self, machine: Machine, session: Session) -> bool:
+        live = await live_supported(machine)
+        (session.runtime / "live").write_text("1" if live else "0")
+        if not live:
+            log.warning(UFFD_ADVICE)
+        return live
+
+    async def stop(self, name: str, save: bool = True) -> CheckpointInfo | None:
+        """Stop a running session; by default its state is checkpointed first and resumed by `start`."""
+        session = self.session(name)
+        async with self._locked(session):
+            sockets = self.sockets(session)
+            if sockets.pid() is None:
+                raise UsageError(f"Session {name!r} is not running.")
+            saved = None
+            async with Machine.connect(sockets) as m:
+                if save and await m.status() == RunState.RUNNING:
+                    saved = await self._checkpoint_locked(session, m, "saved on stop", "stop")
+                await m.quit()
+            if saved is not None:
+                state = session.load_state()
+                state.saved = saved.id
+                session.save_state(state)
+            return saved
+
+    async def status(self, name: str) -> Status:
+        session = self.session(name)
+        config = session.load_config()
+        state = session.load_state()
+        sockets = self.sockets(session)
+        pid = sockets.pid()
+        run_state = None
+        if pid is not None:
+            async with Machine.connect(sockets) as m:
+                run_state = (await m.status()).value
+        accel = _read(sockets.runtime / "accel")
+        live = _read(sockets.runtime / "live")
+        return Status(
+            name=name,
+            running=run_state == RunState.RUNNING.value,
+            run_state=run_state,
+            pid=pid,
+            accel=accel.splitlines()[0] if pid and accel else None,
+            accel_reason=accel.splitlines()[1] if pid and accel else None,
+            live_checkpoints=(live == "1") if pid and live else None,
+            head=state.head,
+            saved=state.saved,
+            qmp_socket=str(sockets.qmp),
+            vnc_socket=str(sockets.vnc),
+            serial_log=str(session.serial_log),
+            qemu_log=str(session.qemu_log),
+            memory_mib=config.memory_mib,
+            cpus=config.cpus,
+        )
+
+    # -- checkpoints -----------------------------------------------------------
+    async def checkpoint(self, name: str, note: str = "", kind: str = "manual") -> CheckpointInfo:
+        session = self.session(name)
+        async with self._locked(session):
+            if self.sockets(session).pid() is None:
+                raise UsageError(f"Session {name!r} is not running; start it with `session-manager start {name}`.")
+            async with Machine.connect(self.sockets(session)) as m:
+                return await self._checkpoint_locked(session, m, note, kind)
+
+    async def _checkpoint_locked(self, session: Session, m: Machine, note: str, kind: str) -> CheckpointInfo:
+        live = await self._note_live_support(m, session)
+        thumbnail = await m.screendump_png(session.runtime / "thumbnail.png")
+        state = session.load_state()
+        config = session.load_config()
+
+        def switched(layer: str) -> None:
+            state.active_layer = layer
+            session.save_state(state)
+
+        with self.repo.writer(session=session.name, parent=state.head) as w:
+            cap, _ = await capture(m, session.disks, lambda read: w.add_memory(iter_segments(read)), switched, live)
+            await asyncio.to_thread(self._ingest_disk, w, session, cap.frozen_layer, state.head)
+            if thumbnail:
+                w.set_thumbnail(thumbnail)
+            info = w.commit(self._meta(cap, note, kind, config))
+        state.head = info.id
+        session.save_state(state)
+        log.info("checkpoint %s of %s: pause %.1f ms (%s), %.2f s", info.id, session.name, cap.pause_ms,
+                 "live" if cap.live else "stop-and-copy", cap.wall_s)
+        return info
+
+    def _ingest_disk(self, w: Any, session: Session, frozen: str, parent: str | None) -> None:
+        with vdisk.ChainReader(session.layer_path(frozen)) as reader:
+            depth = None
+            if parent is not None:
+                parent_layer = self.repo.get(parent).meta.get("disk_layer")
+                if parent_layer:
+                    depth = reader.depth_of(session.layer_path(parent_layer))
+            w.add_disk(reader.size, reader.chunks_above(depth), parent if depth is not None else None)
+
+    @staticmethod
+    def _meta(cap: Capture, note: str, kind: str, config: SessionConfig) -> dict[str, Any]:
+        return {
+            "kind": kind,
+            "note": note,
+            "live": cap.live,
+            "pause_ms": round(cap.pause_ms, 3),
+            "downtime_ms": cap.downtime_ms,
+            "held_ms": round(cap.held_ms, 3),
+            "wall_s": round(cap.wall_s, 3),
+            "stream_bytes": cap.stream_bytes,
+            "disk_layer": cap.frozen_layer,
+            "qemu": find_qemu().version_text,
+            "config": asdict(config),
+        }
+
+    def checkpoints(self, name: str) -> list[CheckpointInfo]:
+        self.session(name)
+        return self.repo.checkpoints(session=name)
+
+    def find_checkpoint(self, session: Session, ref: str) -> CheckpointInfo:
+        ckpt = self.repo.get(ref)
+        if ckpt.session != session.name:
+            raise NotFoundError(
+                f"Checkpoint {ref} belongs to session {ckpt.session!r}, not {session.name!r}; "
+                f"`session-manager checkpoints {session.name}` lists this session's checkpoints."
+            )
+        return ckpt
+
+    # -- restoring ---------------------------------------------------------------
+    async def restore(self, name: str, ref: str, discard_current: bool = False) -> CheckpointInfo | None:
+        """Roll a session back to a checkpoint; returns the checkpoint taken of the state it replaced."""
+        session = self.session(name)
+        async with self._locked(session):
+            return await self._restore_locked(session, self.find_checkpoint(session, ref), not discard_current)
+
+    async def _restore_locked(self, session: Session, ckpt: CheckpointInfo, take_before: bool) -> CheckpointInfo | None:
+        # Everything that can be checked is checked before QEMU sees a byte.
+        await asyncio.to_thread(self.repo.verify, ckpt)
+        config = SessionConfig(**ckpt.meta["config"])
+        state = session.load_state()
+        sockets = self.sockets(session)
+        before = None
+        if sockets.pid() is not None:
+            async with Machine.connect(sockets) as m:
+                if take_before and await m.status() == RunState.RUNNING:
+                    before = await self._checkpoint_locked(
+                        session, m, f"before restoring {ckpt.id[:8]}", "pre-restore")
+                    state = session.load_state()
+                    state.saved = before.id
+                    session.save_state(state)
+                await m.quit()
+        top = self._layer_for(session, ckpt)
+        state.active_layer = top.name
+        session.save_state(state)
+        await self._launch(session, config, top, incoming=True)
+        try:
+            async with Machine.connect(sockets) as m:
+                seconds = await load(m, self.repo.memory_stream(ckpt))
+                await m.run("cont")
+                await self._note_live_support(m, session)
+        except BaseException as e:
+            await self._kill(sockets)
+            if isinstance(e, SessionManagerError):
+                hint = f" your previous state is kept as checkpoint {before.id[:8]}." if before else ""
+                raise QemuError(f"Restoring checkpoint {ckpt.id[:8]} failed: {e}{hint}") from e
+            raise
+        state.head, state.saved = ckpt.id, None
+        session.save_state(state)
+        log.info("restored %s to %s in %.2f s", session.name, ckpt.id, seconds)
+        return before
+
+    def _layer_for(self, session: Session, ckpt: CheckpointInfo) -> Path:
+        """A new overlay on the checkpoint's disk: its frozen layer if still here, else rebuilt from the repository."""
+        frozen = session.layer_path(ckpt.meta.get("disk_layer", ""))
+        size = self.repo.disk_size(ckpt)
+        if ckpt.meta.get("disk_layer") and frozen.is_file():
+            backing, fmt = frozen, "qcow2"
+        else:
+            backing, fmt = session.disks / f"restored-{ckpt.id[:16]}.raw", "raw"
+            if not backing.exists():
+                vdisk.write_raw(backing, size, self.repo.disk_chunks(ckpt))
+        top = session.layer_path(vdisk.new_layer_name())
+        vdisk.create_overlay(top, backing, fmt, size)
+        return top
+
+    async def _kill(self, sockets: Sockets) -> None:
+        pid = sockets.pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+            await wait_exit(pid)
+
+    # -- export ------------------------------------------------------------------
+    def export(self, name: str, ref: str, out_dir: Path) -> list[str]:
+        """Write a plain migration stream and a standalone qcow2; return the stock QEMU command that loads them."""
+        session = self.session(name)
+        ckpt = self.find_checkpoint(session, ref)
+        self.repo.verify(ckpt)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = out_dir / f"{name}-{ckpt.id[:8]}"
+        stream, qcow2, raw = stem.with_suffix(".migration"), stem.with_suffix(".qcow2"), stem.with_suffix(".raw.part")
+        for path in (stream, qcow2):
+            if path.exists():
+                raise UsageError(f"{path} already exists; choose an empty directory.")
+        try:
+            with open(stream.with_suffix(".migration.part"), "wb") as f:
+                for chunk in self.repo.memory_stream(ckpt):
+                    f.write(chunk)
+            os.replace(stream.with_suffix(".migration.part"), stream)
+            vdisk.write_raw(raw, self.repo.disk_size(ckpt), self.repo.disk_chunks(ckpt))
+            vdisk.qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2))
+        except BaseException:
+            stream.unlink(missing_ok=True)
+            qcow2.unlink(missing_ok=True)
+            raise
+        finally:
+            raw.unlink(missing_ok=True)
+            stream.with_suffix(".migration.part").unlink(missing_ok=True)
+        config = SessionConfig(**ckpt.meta["config"])
+        argv = command_line(find_qemu(), config, accel="tcg", top_layer=qcow2, sockets=Sockets(out_dir),
+                            serial_log=out_dir / f"{name}-serial.log")
+        return _standalone(argv, stream)
+
+    # -- locking -------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _locked(self, session: Session) -> AsyncIterator[None]:
+        session.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(session.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + LOCK_TIMEOUT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise UsageError(
+                            f"Session {session.name!r} is busy with another operation; try again when it finishes."
+                        ) from None
+                    await asyncio.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)
+
+
+def _standalone(argv: list[str], stream: Path) -> list[str]:
+    """Turn our command line into one for a user's stock QEMU: no pidfile/monitor, a window, TCG or KVM."""
+    out: list[str] = []
+    skip = {"-pidfile", "-mon", "-display", "-vnc"}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in skip or (arg == "-chardev" and argv[i + 1].startswith("socket,id=qmp")):
+            i += 2
+            continue
+        if arg == "-machine":
+            out += [arg, argv[i + 1].replace("accel=tcg", "accel=kvm:tcg")]
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out + ["-incoming", f"exec:cat {shlex.quote(str(stream))}"]
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None

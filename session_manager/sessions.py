@@ -1,0 +1,148 @@
+"""Sessions on disk: the user's choices (config.toml) and what the engine keeps (state.json).
+
+A session directory holds::
+
+    config.toml     machine, memory, CPUs, boot source, base disk (user-edited choices)
+    state.json      the active overlay, the checkpoint the running state descends
+                    from ("head") and, after a saving stop, the checkpoint to resume
+    disks/          qcow2 overlays: one per checkpoint (frozen, never written
+                    again) and the active one QEMU writes to
+
+The user's own disk image is only ever a read-only backing file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tomllib
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import tomli_w
+
+from .errors import NotFoundError, UsageError
+from .paths import Home, check_name
+
+BootKind = Literal["kernel", "disk", "iso"]
+
+
+@dataclass
+class SessionConfig:
+    name: str
+    machine: str
+    memory_mib: int
+    cpus: int
+    boot: BootKind
+    disk_size: int
+    base_image: str | None = None  # the user's image (read-only backing file)
+    base_format: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str | None = None
+    iso: str | None = None
+    vnc_tcp: str | None = None  # e.g. "127.0.0.1:1"; unix socket only when unset
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps({k: v for k, v in asdict(self).items() if v is not None})
+
+
+@dataclass
+class SessionState:
+    active_layer: str
+    head: str | None = None
+    saved: str | None = None
+
+
+class Session:
+    """One session's files.  Nothing here talks to QEMU."""
+
+    def __init__(self, home: Home, name: str) -> None:
+        self.home = home
+        self.name = check_name(name)
+        self.dir = home.session_data(name)
+        self.state_dir = home.session_state(name)
+
+    # -- files -------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.dir / "config.toml"
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "state.json"
+
+    @property
+    def disks(self) -> Path:
+        return self.dir / "disks"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.state_dir / "serial.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.state_dir / "qemu.log"
+
+    @property
+    def runtime(self) -> Path:
+        return self.home.session_runtime(self.name)
+
+    def exists(self) -> bool:
+        return self.config_file.is_file()
+
+    def require(self) -> Session:
+        if not self.exists():
+            raise NotFoundError(
+                f"There is no session named {self.name!r}; `session-manager list` shows the sessions you have."
+            )
+        return self
+
+    # -- config and state ----------------------------------------------------
+    def load_config(self) -> SessionConfig:
+        with open(self.require().config_file, "rb") as f:
+            return SessionConfig(**tomllib.load(f))
+
+    def load_state(self) -> SessionState:
+        return SessionState(**json.loads(self.state_file.read_text()))
+
+    def save_state(self, state: SessionState) -> None:
+        _atomic_write(self.state_file, json.dumps(asdict(state), indent=2).encode())
+
+    def layer_path(self, layer: str) -> Path:
+        return self.disks / layer
+
+    # -- lifecycle -------------------------------------------------------------
+    def create(self, config: SessionConfig, first_layer: str) -> None:
+        if self.exists():
+            raise UsageError(
+                f"A session named {self.name!r} already exists; choose another name or delete it first."
+            )
+        self.disks.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.save_state(SessionState(active_layer=first_layer))
+        _atomic_write(self.config_file, config.to_toml().encode())
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        shutil.rmtree(self.home.runtime / self.name, ignore_errors=True)
+
+
+def list_sessions(home: Home) -> list[Session]:
+    if not home.sessions.is_dir():
+        return []
+    return [Session(home, p.name) for p in sorted(home.sessions.iterdir()) if (p / "config.toml").is_file()]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,137 @@
+"""Finding QEMU, checking it is new enough, choosing an accelerator, building the command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from ..errors import QemuError
+from ..sessions import SessionConfig
+from .machine import DISK_DEVICE, Sockets, node_name
+
+log = logging.getLogger(__name__)
+
+MIN_VERSION = (7, 2)
+QEMU_ENV = "SESSION_MANAGER_QEMU"  # path of qemu-system-x86_64, for unusual installs
+PROBE_SECONDS = 20.0
+
+
+@dataclass(frozen=True)
+class Qemu:
+    system: str
+    img: str
+    version: tuple[int, int, int]
+
+    @property
+    def version_text(self) -> str:
+        return ".".join(map(str, self.version))
+
+
+@cache
+def find_qemu() -> Qemu:
+    system = os.environ.get(QEMU_ENV) or shutil.which("qemu-system-x86_64")
+    img = shutil.which("qemu-img", path=os.path.dirname(system) + os.pathsep + os.environ.get("PATH", "")) if system else None
+    if not system or not img:
+        raise QemuError(
+            "QEMU is not installed; install it with `sudo apt-get install qemu-system-x86 qemu-utils` and try again."
+        )
+    out = subprocess.run([system, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
+    if not m:
+        raise QemuError(f"{system} did not report a version; reinstall QEMU (qemu-system-x86) and try again.")
+    version = (int(m[1]), int(m[2]), int(m[3]))
+    if version[:2] < MIN_VERSION:
+        raise QemuError(
+            f"QEMU {'.'.join(m.groups())} is too old: session-manager needs QEMU 7.2 or newer for "
+            "background snapshots; upgrade qemu-system-x86."
+        )
+    return Qemu(system, img, version)
+
+
+def machine_type(qemu: Qemu, alias: str = "q35") -> str:
+    """Resolve an alias such as ``q35`` to the versioned type (``pc-q35-7.2``).
+
+    A session records the versioned name, so its checkpoints stay loadable
+    after QEMU is upgraded.
+    """
+    out = subprocess.run([qemu.system, "-machine", "help"], capture_output=True, text=True).stdout
+    m = re.search(rf"^{re.escape(alias)}\s.*\(alias of ([\w.-]+)\)", out, re.M)
+    return m[1] if m else alias
+
+
+# -- accelerator --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Accel:
+    name: str  # "kvm" or "tcg"
+    reason: str
+
+
+def choose_accelerator(cache_dir: Path, kernel: Path, initrd: Path) -> Accel:
+    """KVM when a real guest boots under it within PROBE_SECONDS, TCG otherwise.
+
+    /dev/kvm can exist and still hang guests (nested virtualisation), so the
+    only trustworthy check is booting the test guest and waiting for it to
+    say ``ready``.  The answer is kept until the host reboots or QEMU changes.
+    """
+    qemu = find_qemu()
+    key = {"boot_id": _boot_id(), "qemu": qemu.version_text}
+    cache_file = cache_dir / "accelerator.json"
+    try:
+        cached = json.loads(cache_file.read_text())
+        if cached["key"] == key:
+            return Accel(cached["name"], cached["reason"])
+    except (OSError, ValueError, KeyError):
+        pass
+    accel = _probe_kvm(qemu, kernel, initrd)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps({"key": key, "name": accel.name, "reason": accel.reason}))
+    return accel
+
+
+def _probe_kvm(qemu: Qemu, kernel: Path, initrd: Path) -> Accel:
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return Accel("tcg", "/dev/kvm is missing or not accessible to this user")
+    with tempfile.TemporaryDirectory(prefix="sm-kvm-probe-") as tmp:
+        serial = Path(tmp) / "serial.log"
+        argv = [
+            qemu.system, "-accel", "kvm", "-machine", "q35", "-m", "128", "-nodefaults",
+            "-display", "none", "-no-reboot", "-serial", f"file:{serial}",
+            "-kernel", str(kernel), "-initrd", str(initrd),
+            "-append", "console=ttyS0 panic=-1 sm.probe=1",
+        ]
+        start = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            while time.monotonic() - start < PROBE_SECONDS:
+                if proc.poll() is not None:
+                    break
+                if serial.exists() and b"ready" in serial.read_bytes():
+                    return Accel("kvm", f"a test guest booted under KVM in {time.monotonic() - start:.1f} s")
+                time.sleep(0.1)
+            else:
+                return Accel("tcg", f"a test guest did not boot under KVM within {PROBE_SECONDS:.0f} s")
+            err = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
+            return Accel("tcg", f"QEMU could not use KVM: {err[-1] if err else 'exit ' + str(proc.returncode)}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+

@@ -1,0 +1,210 @@
+"""Capturing a running machine's whole state, and loading it into a new one.
+
+Capture (a live checkpoint)::
+
+    1. create the next overlay file and blockdev-add it (guest still running)
+    2. stop                      -- the instant the checkpoint is of
+    3. blockdev-snapshot         -- the disk freezes: the old top becomes read-only
+    4. migrate fd:sm-checkpoint  -- with background-snapshot QEMU resumes the guest
+                                    itself and write-protects RAM (userfaultfd),
+                                    so memory is saved as it was at step 2
+    5. the stream is read from a pipe by ``consume`` while the guest runs on
+
+Without userfaultfd (ordinary users on Debian/Ubuntu until the sysctl is set)
+step 4 is a plain migration of the stopped guest, which is then continued: the
+same checkpoint, but the guest pauses for the whole copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from ..errors import QemuError
+from .disk import create_overlay, image_info, new_layer_name
+from .machine import DISK_DEVICE, Machine, RunState, node_name
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s; QEMU's default (32 MiB/s) would make checkpoints crawl
+UFFD_REFUSAL = "not supported by host kernel"
+
+
+@dataclass(frozen=True)
+class Capture:
+    live: bool  # background-snapshot (True) or stop-and-copy (False)
+    frozen_layer: str  # the overlay that now holds the checkpoint's disk
+    active_layer: str  # the overlay the guest writes to from now on
+    downtime_ms: float  # what QEMU reports
+    held_ms: float  # how long we kept the guest stopped ourselves
+    wall_s: float
+    stream_bytes: int
+
+    @property
+    def pause_ms(self) -> float:
+        return self.downtime_ms + self.held_ms
+
+
+async def active_layer(machine: Machine) -> str:
+    """The overlay file QEMU is writing the disk to (QEMU is the truth, not our state file)."""
+    for dev in await machine.run("query-block"):
+        if DISK_DEVICE in (dev.get("qdev") or "") and dev.get("inserted"):
+            return Path(dev["inserted"]["file"]).name
+    raise QemuError("The session's QEMU has no disk attached; recreate the session.")
+
+
+async def live_supported(machine: Machine) -> bool:
+    """Whether QEMU can take background snapshots here (userfaultfd allowed)."""
+    try:
+        await machine.run("migrate-set-capabilities",
+                          {"capabilities": [{"capability": "background-snapshot", "state": True}]})
+    except QemuError as e:
+        if UFFD_REFUSAL in str(e):
+            return False
+        raise
+    return True
+
+
+async def capture(
+    machine: Machine,
+    disks: Path,
+    consume: Callable[[Callable[[int], bytes]], T],
+    on_layer_switched: Callable[[str], None],
+    live: bool,
+) -> tuple[Capture, T]:
+    """Checkpoint the running machine; ``consume`` reads the stream (in a thread) and returns a result."""
+    if await machine.status() != RunState.RUNNING:
+        raise QemuError("The session's guest is not running, so it cannot be checkpointed now; start or resume it first.")
+    old = await active_layer(machine)
+    new = new_layer_name()
+    size = int(image_info(disks / old)["virtual-size"])
+    create_overlay(disks / new, disks / old, "qcow2", size)
+    await machine.run("blockdev-add", {
+        "driver": "qcow2", "node-name": node_name(new), "backing": None,
+        "file": {"driver": "file", "filename": str(disks / new)},
+    })
+    await machine.run("migrate-set-capabilities",
+                      {"capabilities": [{"capability": "background-snapshot", "state": live}]})
+    await machine.run("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH})
+
+    rfd, wfd = os.pipe()
+    try:
+        await machine.pass_fd(wfd, "sm-checkpoint")
+    finally:
+        os.close(wfd)
+    reader = _PipeReader(rfd)
+    consumer = asyncio.ensure_future(asyncio.to_thread(consume, reader.read))
+    started = time.monotonic()
+    stopped_at: float | None = None
+    resumed_at: float | None = None
+    switched = False
+    try:
+        await machine.run("stop")
+        stopped_at = time.monotonic()
+        await machine.run("blockdev-snapshot", {"node": node_name(old), "overlay": node_name(new)})
+        switched = True
+        await machine.run("migrate", {"uri": "fd:sm-checkpoint"})
+        if live:
+            resumed_at = time.monotonic()  # QEMU resumes the guest itself
+        on_layer_switched(new)
+        info = await _wait_migration(machine, "checkpoint")
+        if not live:
+            await machine.run("cont")
+            resumed_at = time.monotonic()
+        result = await consumer
+    except BaseException:
+        with contextlib.suppress(QemuError):
+            await machine.run("migrate_cancel")
+        if stopped_at is not None:
+            with contextlib.suppress(QemuError):
+                if await machine.status() == RunState.PAUSED:
+                    await machine.run("cont")
+        if switched:
+            on_layer_switched(new)
+        with contextlib.suppress(QemuError):
+            await machine.run("closefd", {"fdname": "sm-checkpoint"})  # unblocks the reader if unused
+        with contextlib.suppress(BaseException):
+            await consumer  # it ends once QEMU closes the pipe; its error is secondary
+        raise
+    finally:
+        reader.close()
+    assert stopped_at is not None and resumed_at is not None
+    return Capture(
+        live=live,
+        frozen_layer=old,
+        active_layer=new,
+        downtime_ms=float(info.get("downtime", 0)),
+        held_ms=(resumed_at - stopped_at) * 1000,
+        wall_s=time.monotonic() - started,
+        stream_bytes=reader.total,
+    ), result
+
+
+async def load(machine: Machine, chunks: Iterable[bytes]) -> float:
+    """Feed a saved stream to a QEMU started with ``-incoming defer``; returns seconds taken.
+
+    The guest stays paused; the caller continues it.
+    """
+    rfd, wfd = os.pipe()
+    try:
+        await machine.pass_fd(rfd, "sm-restore")
+    finally:
+        os.close(rfd)
+    started = time.monotonic()
+    writer = asyncio.ensure_future(asyncio.to_thread(_write_all, wfd, chunks))
+    try:
+        await machine.run("migrate-incoming", {"uri": "fd:sm-restore"})
+        await writer
+        await _wait_migration(machine, "restore")
+    except BaseException:
+        writer.cancel()
+        raise
+    return time.monotonic() - started
+
+
+def _write_all(fd: int, chunks: Iterable[bytes]) -> None:
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+async def _wait_migration(machine: Machine, what: str) -> dict:
+    delay = 0.005
+    while True:
+        info = await machine.run("query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            return info
+        if status in ("failed", "cancelled"):
+            raise QemuError(f"QEMU's {what} stream {status}: {info.get('error-desc', 'no reason given')}.")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+class _PipeReader:
+    """Blocking reads from the pipe QEMU writes the stream into, with a byte count."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.total = 0
+
+    def read(self, n: int) -> bytes:
+        data = os.read(self.fd, n)
+        self.total += len(data)
+        return data
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
