@@ -135,3 +135,57 @@ def _boot_id() -> str:
         return "unknown"
 
 
+def command_line(
+    qemu: Qemu,
+    config: SessionConfig,
+    *,
+    accel: str,
+    top_layer: Path,
+    sockets: Sockets,
+    serial_log: Path,
+    incoming: bool = False,
+) -> list[str]:
+    """The QEMU command line of a session.  Restores use the same one, plus ``-incoming defer``."""
+    disk = {
+        "driver": "qcow2",
+        "node-name": node_name(top_layer.name),
+        "file": {"driver": "file", "filename": str(top_layer)},
+    }
+    argv = [
+        qemu.system,
+        "-name", f"{config.name},process=session-manager:{config.name}",
+        "-machine", f"{config.machine},accel={accel}",
+        "-m", f"{config.memory_mib}M",
+        "-smp", str(config.cpus),
+        "-nodefaults",
+        "-vga", "std",
+        "-display", "none",
+        "-vnc", f"unix:{sockets.vnc}",
+        "-chardev", f"socket,id=qmp,path={sockets.qmp},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-pidfile", str(sockets.pidfile),
+        "-chardev", f"file,id=serial0,path={serial_log},append=on",
+        "-serial", "chardev:serial0",
+        "-blockdev", json.dumps(disk),
+        "-device", f"virtio-blk-pci,drive={disk['node-name']},id={DISK_DEVICE},bootindex=1",
+        "-device", "qemu-xhci,id=usb",
+        "-device", "usb-tablet,bus=usb.0",
+        "-netdev", "user,id=net0",
+        "-device", "virtio-net-pci,netdev=net0",
+    ]
+    if config.vnc_tcp:
+        argv += ["-vnc", f"{config.vnc_tcp},id=tcp"]
+    if config.boot == "kernel":
+        argv += ["-kernel", str(config.kernel)]
+        if config.initrd:
+            argv += ["-initrd", str(config.initrd)]
+        if config.append:
+            argv += ["-append", config.append]
+    if config.iso:
+        argv += [
+            "-drive", f"if=none,id=cd0,media=cdrom,readonly=on,file={config.iso}",
+            "-device", "ide-cd,drive=cd0,bootindex=2",
+        ]
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv
