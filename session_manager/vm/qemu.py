@@ -39,6 +39,8 @@ class Qemu:
 @cache
 def find_qemu() -> Qemu:
     system = os.environ.get(QEMU_ENV) or shutil.which("qemu-system-x86_64")
+    if os.environ.get(QEMU_ENV) and not os.access(system, os.X_OK):
+        raise QemuError(f"{QEMU_ENV} names {system}, which is not an executable; fix or unset it.")
     img = shutil.which("qemu-img", path=os.path.dirname(system) + os.pathsep + os.environ.get("PATH", "")) if system else None
     if not system or not img:
         raise QemuError(
@@ -107,7 +109,7 @@ def _probe_kvm(qemu: Qemu, kernel: Path, initrd: Path) -> Accel:
             qemu.system, "-accel", "kvm", "-machine", "q35", "-m", "128", "-nodefaults",
             "-display", "none", "-no-reboot", "-serial", f"file:{serial}",
             "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", "console=ttyS0 panic=-1 sm.probe=1",
+            "-append", "console=ttyS0 panic=-1",
         ]
         start = time.monotonic()
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -115,6 +115,7 @@ async def capture(
         if live:
             resumed_at = time.monotonic()  # QEMU resumes the guest itself
         on_layer_switched(new)
+        log.info("checkpoint: streaming memory (%s)", "live" if live else "stop-and-copy")
         info = await _wait_migration(machine, "checkpoint")
         if not live:
             await machine.run("cont")

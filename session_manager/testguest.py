@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+"""Build a tiny bootable test guest (kernel + initrd) from Debian packages only.
+
+    python3 -m session_manager.testguest OUTDIR   ->  OUTDIR/vmlinuz, OUTDIR/initrd.img
+
+The kernel is the package that Debian's `linux-image-amd64` currently depends
+on; the userland is `busybox-static`. Both are fetched with `apt-get download`
+into OUTDIR/cache and unpacked with `dpkg-deb -x` (nothing is installed).
+
+Boot it with e.g.
+
+    qemu-system-x86_64 -accel tcg -m 256 -machine q35 -vga std -display none \\
+        -serial stdio -kernel OUTDIR/vmlinuz -initrd OUTDIR/initrd.img \\
+        -append "console=ttyS0 quiet sm.fill=64 sm.dirty=4 sm.window=32" \\
+        [-drive if=none,id=d0,file=disk.qcow2,format=qcow2 -device virtio-blk-pci,drive=d0]
+
+Kernel command line keys read by /init (all sizes in MiB, all default 0):
+    sm.fill=N     fill N MiB of a tmpfs with random data once at boot
+    sm.dirty=M    rewrite M MiB with fresh random data every second ...
+    sm.window=W   ... cycling through a W MiB tmpfs file (default W = M)
+
+Serial console protocol (/dev/ttyS0, one whole line per write):
+    ready                      workload started; printed once, before the first counter
+    disk ok N                  sector N-1 held "seq N-1", sector N was empty, "seq N" now written
+    disk-mismatch at N: ...    that check failed (the record is written anyway)
+    counter N                  once a second, N = 1, 2, ...; printed after sector N was written
+    key X / key #C             a key typed on the VGA console: printable char, else its code
+
+With a virtio disk (/dev/vda) sector N holds "seq N\\n" zero-padded to 512
+bytes; a reboot with an old disk continues after the last record. The VGA
+text console (tty0) shows the counter in big digits.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import SessionManagerError
+
+WANTED_MODULES = ["virtio", "virtio_ring", "virtio_pci", "virtio_pci_modern_dev",
+                  "virtio_pci_legacy_dev", "virtio_blk"]
+
+INIT = r"""#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+# Keep kernel messages off the serial lines we print.
+echo 1 > /proc/sys/kernel/printk
+exec </dev/null >/dev/ttyS0 2>&1
+
+FILL=0 DIRTY=0 WINDOW=0
+for arg in $(cat /proc/cmdline); do
+    case $arg in
+        sm.fill=*) FILL=${arg#*=} ;;
+        sm.dirty=*) DIRTY=${arg#*=} ;;
+        sm.window=*) WINDOW=${arg#*=} ;;
+    esac
+done
+[ "$WINDOW" -lt "$DIRTY" ] && WINDOW=$DIRTY
+
+for m in $(cat /etc/modules); do
+    insmod /lib/modules/$m.ko || echo "insmod $m failed"
+done
+
+mkdir -p /dev/shm
+mount -t tmpfs -o size=$((FILL + WINDOW + 4))m shm /dev/shm
+[ "$FILL" -gt 0 ] && dd if=/dev/urandom of=/dev/shm/fill bs=1M count=$FILL 2>/dev/null
+if [ "$DIRTY" -gt 0 ]; then
+    dd if=/dev/zero of=/dev/shm/window bs=1M count=$WINDOW 2>/dev/null
+    (
+        off=0
+        while :; do
+            sleep 1 &
+            [ $((off + DIRTY)) -gt "$WINDOW" ] && off=0
+            dd if=/dev/urandom of=/dev/shm/window bs=1M count=$DIRTY seek=$off conv=notrunc 2>/dev/null
+            off=$((off + DIRTY))
+            wait $!
+        done
+    ) &
+fi
+
+# Key echo: one byte at a time from the VGA console's keyboard.
+(
+    stty -F /dev/tty0 -icanon -echo -icrnl -isig
+    while :; do
+        IFS= read -r -n 1 c
+        code=10
+        [ -n "$c" ] && code=$(printf %d "'$c")
+        if [ "$code" -gt 32 ] && [ "$code" -lt 127 ]; then
+            echo "key $c"
+        else
+            echo "key #$code"
+        fi
+    done </dev/tty0
+) &
+
+# Printable text of one sector, read past the page cache.
+sector() {
+    dd if=/dev/vda bs=512 skip=$1 count=1 iflag=direct 2>/dev/null | tr -cd ' -~'
+}
+
+# Number of the last record in the unbroken run "seq 1", "seq 2", ... from sector 1.
+last_record() {
+    k=0
+    while :; do
+        r=$(dd if=/dev/vda bs=512 skip=$((k + 1)) count=2048 2>/dev/null |
+            strings -t d -n 5 | awk -v k=$k -f /etc/lastrecord.awk)
+        [ "${r% more}" = "$r" ] && break
+        k=${r% more}
+    done
+    echo "$r"
+}
+
+N=0 DISK=
+if [ -b /dev/vda ]; then
+    DISK=1
+    N=$(last_record)
+fi
+
+printf '\033[H\033[2J\033[9;0]\033[?25l' > /dev/tty0
+echo ready
+while :; do
+    sleep 1 &
+    N=$((N + 1))
+    if [ -n "$DISK" ]; then
+        prev=$(sector $((N - 1)))
+        cur=$(sector $N)
+        if [ $N -gt 1 ] && [ "$prev" != "seq $((N - 1))" ] || [ -n "$cur" ]; then
+            status="disk-mismatch at $N: sector $((N - 1)) has '$prev', sector $N has '$cur'"
+        else
+            status="disk ok $N"
+        fi
+        echo "seq $N" | dd of=/dev/vda bs=512 seek=$N count=1 conv=notrunc,sync,fsync 2>/dev/null
+        echo "$status"
+    else
+        status="no disk"
+    fi
+    echo "counter $N"
+    awk -v n=$N -v status="$status" -f /etc/bigdigits.awk > /dev/tty0
+    wait $!
+done
+"""
+
+# Input: `strings -t d` of sectors k+1 .. k+2048 ("OFFSET TEXT" lines).
+# Prints the last record of the unbroken run, plus " more" if the run reaches the chunk end.
+LASTRECORD_AWK = r"""
+BEGIN { e = k + 1 }
+{
+    at = (e - k - 1) * 512
+    if ($1 == at && $0 ~ /^ *[0-9]+ seq [0-9]+$/ && $3 == e) e++
+    else if ($1 >= at) exit
+}
+END { print (e - 1) (e - k - 1 == 2048 ? " more" : "") }
+"""
+
+# Draws n in a scaled 5x7 font of reverse-video cells on an 80x25 text screen.
+BIGDIGITS_AWK = r"""
+BEGIN {
+    split("01110100011001110101110011000101110 00100011000010000100001000010001110 " \
+          "01110100010000100010001000100011111 11111000100010000010000011000101110 " \
+          "00010001100101010010111110001000010 11111100001111000001000011000101110 " \
+          "00110010001000011110100011000101110 11111000010001000100010000100001000 " \
+          "01110100011000101110100011000101110 01110100011000101111000010001001100", f, " ")
+    nd = length(n)
+    sx = int(80 / (6 * nd)); if (sx > 4) sx = 4; if (sx < 1) sx = 1
+    cell = sprintf("%" sx "s", "")
+    out = "\033[H session-manager test guest\033[K\n\033[K\n\033[K\n"
+    for (r = 0; r < 7; r++) {
+        line = sprintf("%" int((80 - 6 * sx * nd + sx) / 2) "s", "")
+        for (i = 1; i <= nd; i++) {
+            bits = f[substr(n, i, 1) + 1]
+            for (c = 1; c <= 5; c++)
+                line = line (substr(bits, r * 5 + c, 1) == "1" ? "\033[7m" cell "\033[27m" : cell)
+            line = line cell
+        }
+        out = out line "\033[K\n" line "\033[K\n"
+    }
+    printf "%s\033[K\n counter %d   %s\033[K\n\033[J", out, n, status
+}
+"""
+
+
+def run(*cmd: str, cwd: Path | None = None) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SessionManagerError(
+            f"Building the test guest failed at `{' '.join(cmd)}` ({why}); check that apt can reach Debian's archive."
+        )
+    return proc.stdout
+
+
+def download(pkg: str, cache: Path) -> Path:
+    debs = sorted(cache.glob(f"{pkg}_*.deb"))
+    if not debs:
+        run("apt-get", "download", pkg, cwd=cache)
+        debs = sorted(cache.glob(f"{pkg}_*.deb"))
+    return debs[-1]
+
+
+def kernel_package() -> str:
+    for line in run("apt-cache", "depends", "linux-image-amd64").splitlines():
+        m = re.match(r"\s*Depends:\s*(linux-image-\S+)", line)
+        if m:
+            return m.group(1)
+    raise SessionManagerError("Debian's linux-image-amd64 names no kernel package; run `sudo apt-get update` and retry.")
+
+
+class Cpio:
+    """Writer for the newc cpio format that the kernel unpacks as initramfs."""
+
+    def __init__(self) -> None:
+        self.buf = io.BytesIO()
+        self.ino = 0
+
+    def add(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        self.ino += 1
+        nlink = 2 if mode & 0o170000 == 0o040000 else 1
+        fields = [self.ino, mode, 0, 0, nlink, 0, len(data), 0, 0, *rdev, len(name) + 1, 0]
+        self.buf.write(b"070701" + b"".join(b"%08x" % f for f in fields))
+        self.buf.write(name.encode() + b"\0")
+        self._pad()
+        self.buf.write(data)
+        self._pad()
+
+    def dir(self, name: str) -> None:
+        self.add(name, 0o040755)
+
+    def file(self, name: str, data: bytes, perm: int = 0o644) -> None:
+        self.add(name, 0o100000 | perm, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self.add(name, 0o120777, target.encode())
+
+    def finish(self) -> bytes:
+        self.add("TRAILER!!!", 0)
+        return self.buf.getvalue()
+
+    def _pad(self) -> None:
+        self.buf.write(b"\0" * (-self.buf.tell() % 4))
+
+
+def module_name(path: Path) -> str:
+    return path.name.split(".ko")[0].replace("-", "_")
+
+
+def module_deps(data: bytes) -> list[str]:
+    m = re.search(rb"(?:^|\0)depends=([^\0]*)\0", data)
+    return [d.replace("-", "_") for d in m.group(1).decode().split(",") if d] if m else []
+
+
+def read_module(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        return lzma.decompress(data)
+    if not path.name.endswith(".ko"):
+        raise SessionManagerError(f"The kernel module {path.name} uses a compression the test guest builder cannot read.")
+    return data
+
+
+def collect_modules(moddir: Path) -> list[tuple[str, bytes]]:
+    """The wanted modules that this kernel builds as modules, plus dependencies, in load order."""
+    available = {module_name(p): p for p in (moddir / "kernel").rglob("*.ko*")}
+    ordered: dict[str, bytes] = {}
+
+    def visit(name: str) -> None:
+        if name in ordered:
+            return
+        data = read_module(available[name])
+        for dep in module_deps(data):
+            visit(dep)
+        ordered[name] = data
+
+    for name in WANTED_MODULES:
+        if name in available:  # otherwise built in, or absent from this kernel
+            visit(name)
+    return list(ordered.items())
+
+
+def up_to_date(outputs: list[Path]) -> bool:
+    newest_input = Path(__file__).stat().st_mtime
+    return all(p.exists() and p.stat().st_mtime > newest_input for p in outputs)
+
+
+def build(outdir: Path) -> tuple[Path, Path]:
+    outdir = Path(outdir)
+    kernel, initrd = outdir / "vmlinuz", outdir / "initrd.img"
+    if up_to_date([kernel, initrd]):
+        return kernel, initrd
+    cache = outdir / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    kdeb = download(kernel_package(), cache)
+    bdeb = download("busybox-static", cache)
+
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        root = Path(tmp)
+        run("dpkg-deb", "-x", str(kdeb), str(root / "k"))
+        run("dpkg-deb", "-x", str(bdeb), str(root / "b"))
+        (vmlinuz,) = (root / "k/boot").glob("vmlinuz-*")
+        (moddir,) = (root / "k/lib/modules").iterdir()
+        modules = collect_modules(moddir)
+        busybox = root / "b/bin/busybox"
+        applets = run(str(busybox), "--list-full").split()
+
+        cpio = Cpio()
+        for d in ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "etc", "lib",
+                  "lib/modules", "proc", "sys", "tmp"]:
+            cpio.dir(d)
+        cpio.add("dev/console", 0o020600, rdev=(5, 1))
+        cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+        for applet in applets:
+            if applet != "bin/busybox":
+                cpio.symlink(applet, "/bin/busybox")
+        for name, data in modules:
+            cpio.file(f"lib/modules/{name}.ko", data)
+        cpio.file("etc/modules", "".join(f"{name}\n" for name, _ in modules).encode())
+        cpio.file("etc/lastrecord.awk", LASTRECORD_AWK.encode())
+        cpio.file("etc/bigdigits.awk", BIGDIGITS_AWK.encode())
+        cpio.file("init", INIT.encode(), 0o755)
+
+        tmp_initrd = root / "initrd.img"
+        tmp_initrd.write_bytes(gzip.compress(cpio.finish(), compresslevel=9, mtime=0))
+        shutil.copyfile(vmlinuz, root / "vmlinuz")
+        os.replace(root / "vmlinuz", kernel)
+        os.replace(tmp_initrd, initrd)
+    return kernel, initrd
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: {sys.argv[0]} OUTDIR")
+    for path in build(Path(sys.argv[1])):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Every error a user can meet: one clear sentence, a non-zero exit, nothing damaged."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Sm
+
+pytestmark = pytest.mark.qemu
+
+
+def fails(run, *words: str) -> str:  # noqa: ANN001
+    assert run.returncode != 0, run.stdout
+    message = run.stderr.strip()
+    assert len(message.splitlines()) == 1, message  # one sentence, no traceback
+    for w in words:
+        assert w in message, message
+    return message
+
+
+def log_count(sm: Sm, text: str) -> int:
+    log = sm.home / "state" / "session-manager.log"
+    return log.read_text().count(text) if log.exists() else 0
+
+
+def wait_log(sm: Sm, text: str, more_than: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log_count(sm, text) > more_than:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} did not appear in the log within {timeout} s")
+
+
+def test_bad_input_is_refused_with_one_sentence(sm: Sm, guest: tuple[Path, Path], tmp_path: Path) -> None:
+    fails(sm("new", "x", "--disk", str(tmp_path / "missing.qcow2"), check=False), "does not exist")
+    fails(sm("new", "bad/name", "--kernel", str(guest[0]), check=False), "not a valid session name")
+    fails(sm("new", "x", "--kernel", str(guest[0]), "--memory", "lots", check=False), "not a size")
+    assert sm("list", "--json").json() == []  # nothing was created
+    fails(sm("start", "nope", check=False), "no session named 'nope'")
+    fails(sm("checkpoint", "nope", check=False), "no session named 'nope'")
+
+
+def test_users_image_is_never_written(sm: Sm, guest: tuple[Path, Path], tmp_path: Path) -> None:
+    image = tmp_path / "mine.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    before = image.read_bytes()
+    sm("new", "mine", "--disk", str(image), "--kernel", str(guest[0]), check=False)  # one source only
+    sm("new", "mine", "--disk", str(image), "--memory", "128M")
+    fails(sm("new", "mine", "--disk", str(image), check=False), "already exists")
+    assert image.read_bytes() == before
+
+
+def test_qemu_missing_or_too_old(sm: Sm, guest: tuple[Path, Path], tmp_path: Path) -> None:
+    sm.new_guest("q", guest)
+    missing = Sm(sm.home, env={"SESSION_MANAGER_QEMU": str(tmp_path / "no-qemu")})
+    fails(missing("start", "q", check=False), "SESSION_MANAGER_QEMU", "not an executable")
+    old = tmp_path / "qemu-system-x86_64"
+    old.write_text("#!/bin/sh\necho 'QEMU emulator version 6.2.0 (Debian 1:6.2+dfsg-2)'\n")
+    old.chmod(0o755)
+    fails(Sm(sm.home, env={"SESSION_MANAGER_QEMU": str(old)})("start", "q", check=False), "6.2.0", "too old")
+    assert sm("status", "q", "--json").json()["pid"] is None
+
+
+def test_already_running_and_unknown_checkpoint(sm: Sm, guest: tuple[Path, Path]) -> None:
+    sm.new_guest("r", guest)
+    sm("start", "r")
+    fails(sm("start", "r", check=False), "already running")
+    fails(sm("restore", "r", "0123456789abcdef", check=False), "0123456789abcdef")
+    assert sm("status", "r", "--json").json()["run_state"] == "running"
+
+
+def _interrupted_checkpoint(sm: Sm, guest: tuple[Path, Path], interrupt) -> tuple[str, dict]:  # noqa: ANN001
+    """Start a checkpoint, interrupt it mid-stream; return the CLI's error and the earlier checkpoint."""
+    sm.new_guest("i", guest, fill=160, memory="320M")
+    sm("start", "i")
+    serial = sm.serial("i")
+    serial.wait_for(r"^ready")
+    first = sm("checkpoint", "i", "-m", "good", "--json").json()
+    streaming = "checkpoint: streaming memory"
+    seen = log_count(sm, streaming)
+    proc = sm.popen("checkpoint", "i", "-m", "interrupted")
+    wait_log(sm, streaming, more_than=seen)
+    interrupt(proc)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert len(err.strip().splitlines()) == 1, err
+    ids = [c["id"] for c in sm("checkpoints", "i", "--json").json()]
+    assert ids == [first["id"]]  # the interrupted checkpoint is simply absent
+    assert sm("check", "--read-data").returncode == 0
+    return err, first
+
+
+def test_ctrl_c_mid_checkpoint_keeps_the_guest_running(sm: Sm, guest: tuple[Path, Path]) -> None:
+    err, _ = _interrupted_checkpoint(sm, guest, lambda p: (time.sleep(0.2), p.send_signal(signal.SIGINT)))
+    assert "interrupted" in err
+    serial = sm.serial("i")
+    n = serial.counters()[-1]
+    serial.wait_counter(n + 2)  # still counting
+    assert sm("status", "i", "--json").json()["run_state"] == "running"
+
+
+def test_qemu_dying_mid_checkpoint_leaves_earlier_checkpoints_intact(sm: Sm, guest: tuple[Path, Path]) -> None:
+    def kill_qemu(_: subprocess.Popen) -> None:
+        time.sleep(0.2)
+        os.kill(sm("status", "i", "--json").json()["pid"], signal.SIGKILL)
+
+    err, first = _interrupted_checkpoint(sm, guest, kill_qemu)
+    assert "QEMU" in err
+    serial = sm.serial("i")
+    mark = serial.size()
+    sm("restore", "i", first["id"])  # QEMU is gone: nothing to save first
+    serial.wait_counter(2, since=mark)
+    assert "disk-mismatch" not in serial.text(since=mark)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem to fill needs root")
+def test_disk_full_mid_checkpoint(sm: Sm, guest: tuple[Path, Path]) -> None:
+    sm.new_guest("full", guest, fill=64)
+    sm("start", "full")
+    serial = sm.serial("full")
+    serial.wait_for(r"^ready")
+    repo = sm.home / "data" / "repository"
+    repo.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48M", "tmpfs", str(repo)], check=True)
+    try:
+        first = sm("checkpoint", "full", "--json").json()  # about 20 MB after compression of the pages
+        filler = repo / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=64"], capture_output=True)
+        fails(sm("checkpoint", "full", check=False), "disk is full")
+        assert sm("status", "full", "--json").json()["run_state"] == "running"
+        filler.unlink()
+        assert [c["id"] for c in sm("checkpoints", "full", "--json").json()] == [first["id"]]
+        assert sm("check", "--read-data").returncode == 0
+        mark = serial.size()
+        sm("restore", "full", first["id"], "--discard-current")
+        serial.wait_counter(2, since=mark)
+    finally:
+        sm.kill_all()
+        subprocess.run(["umount", "-l", str(repo)], check=False)
