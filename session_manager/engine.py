@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DEMO_NAME = "demo"
 DEMO_APPEND = "console=ttyS0 sm.fill=64 sm.dirty=1 sm.window=16"
+SERIAL_MARK = "--- session-manager:"
 ACCEL_ENV = "SESSION_MANAGER_ACCEL"  # "kvm" or "tcg": skip the probe
 LOCK_TIMEOUT = 600.0
 UFFD_ADVICE = (
@@ -187,16 +188,19 @@ class Engine:
             if state.saved:
                 await self._restore_locked(session, self.repo.get(state.saved), take_before=False)
             else:
-                await self._launch(session, session.load_config(), session.layer_path(state.active_layer))
+                await self._launch(session, session.load_config(), session.layer_path(state.active_layer), "boot")
                 async with Machine.connect(self.sockets(session)) as m:
                     await self._note_live_support(m, session)
         return await self.status(name)
 
-    async def _launch(self, session: Session, config: SessionConfig, top: Path, incoming: bool = False) -> None:
+    async def _launch(self, session: Session, config: SessionConfig, top: Path, why: str,
+                      incoming: bool = False) -> None:
         accel = self.accelerator()
         log.info("accelerator %s: %s", accel.name, accel.reason)
         sockets = self.sockets(session)
         session.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(session.serial_log, "a") as f:  # so the log shows where each run of the guest begins
+            f.write(f"\n{SERIAL_MARK} {why} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         argv = command_line(find_qemu(), config, accel=accel.name, top_layer=top, sockets=sockets,
                             serial_log=session.serial_log, incoming=incoming)
         launch(argv, sockets, session.qemu_log)
@@ -352,7 +356,7 @@ class Engine:
         top = self._layer_for(session, ckpt)
         state.active_layer = top.name
         session.save_state(state)
-        await self._launch(session, config, top, incoming=True)
+        await self._launch(session, config, top, f"restore of checkpoint {ckpt.id}", incoming=True)
         try:
             async with Machine.connect(sockets) as m:
                 seconds = await load(m, self.repo.memory_stream(ckpt))
@@ -417,7 +421,7 @@ class Engine:
             raw.unlink(missing_ok=True)
             stream.with_suffix(".migration.part").unlink(missing_ok=True)
         config = SessionConfig(**ckpt.meta["config"])
-        argv = command_line(find_qemu(), config, accel="tcg", top_layer=qcow2, sockets=Sockets(out_dir),
+        argv = command_line(find_qemu(), config, accel=self.accelerator().name, top_layer=qcow2, sockets=Sockets(out_dir),
                             serial_log=out_dir / f"{name}-serial.log")
         return _standalone(argv, stream)
 
@@ -444,17 +448,13 @@ class Engine:
 
 
 def _standalone(argv: list[str], stream: Path) -> list[str]:
-    """Turn our command line into one for a user's stock QEMU: no pidfile/monitor, a window, TCG or KVM."""
+    """Turn our command line into one for a user's stock QEMU: no pidfile or monitor, a window instead of VNC."""
     out: list[str] = []
     skip = {"-pidfile", "-mon", "-display", "-vnc"}
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg in skip or (arg == "-chardev" and argv[i + 1].startswith("socket,id=qmp")):
-            i += 2
-            continue
-        if arg == "-machine":
-            out += [arg, argv[i + 1].replace("accel=tcg", "accel=kvm:tcg")]
             i += 2
             continue
         out.append(arg)

@@ -58,6 +58,21 @@ class Sm:
         return subprocess.Popen(self.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=self.env, cwd=ROOT)
 
+    def popen_until(self, log_line: str, *args: str, timeout: float = 60) -> subprocess.Popen[str]:
+        """Start a command and return once it has written ``log_line`` to the log (once more than before)."""
+        log = self.home / "state" / "session-manager.log"
+        count = lambda: log.read_text().count(log_line) if log.exists() else 0  # noqa: E731
+        seen = count()
+        proc = self.popen(*args)
+        deadline = time.monotonic() + timeout
+        while count() <= seen:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                out, err = proc.communicate()
+                raise AssertionError(f"{log_line!r} never appeared in the log: {err}{out}")
+            time.sleep(0.02)
+        return proc
+
     def new_guest(self, name: str, guest: tuple[Path, Path], *, memory: str = "256M", fill: int = 16,
                   dirty: int = 0, window: int = 8) -> None:
         kernel, initrd = guest
@@ -93,17 +108,16 @@ class Serial:
 
     def text(self, since: int = 0) -> str:
         try:
-            with open(self.path, "rb") as f:
-                f.seek(since)
-                return f.read().decode(errors="replace")
+            return self.path.read_bytes().decode(errors="replace")[since:]
         except FileNotFoundError:
             return ""
 
     def size(self) -> int:
-        try:
-            return self.path.stat().st_size
-        except FileNotFoundError:
-            return 0
+        return len(self.text())
+
+    def last_start(self) -> int:
+        """Offset where the latest run of the guest (a boot or a restore) begins."""
+        return self.text().rfind("--- session-manager:")
 
     def counters(self, since: int = 0) -> list[int]:
         return [int(n) for n in re.findall(r"^counter (\d+)\r?$", self.text(since), re.M)]

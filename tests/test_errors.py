@@ -24,20 +24,6 @@ def fails(run, *words: str) -> str:  # noqa: ANN001
     return message
 
 
-def log_count(sm: Sm, text: str) -> int:
-    log = sm.home / "state" / "session-manager.log"
-    return log.read_text().count(text) if log.exists() else 0
-
-
-def wait_log(sm: Sm, text: str, more_than: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log_count(sm, text) > more_than:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{text!r} did not appear in the log within {timeout} s")
-
-
 def test_bad_input_is_refused_with_one_sentence(sm: Sm, guest: tuple[Path, Path], tmp_path: Path) -> None:
     fails(sm("new", "x", "--disk", str(tmp_path / "missing.qcow2"), check=False), "does not exist")
     fails(sm("new", "bad/name", "--kernel", str(guest[0]), check=False), "not a valid session name")
@@ -83,10 +69,7 @@ def _interrupted_checkpoint(sm: Sm, guest: tuple[Path, Path], interrupt) -> tupl
     serial = sm.serial("i")
     serial.wait_for(r"^ready")
     first = sm("checkpoint", "i", "-m", "good", "--json").json()
-    streaming = "checkpoint: streaming memory"
-    seen = log_count(sm, streaming)
-    proc = sm.popen("checkpoint", "i", "-m", "interrupted")
-    wait_log(sm, streaming, more_than=seen)
+    proc = sm.popen_until("checkpoint: streaming memory", "checkpoint", "i", "-m", "interrupted")
     interrupt(proc)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
@@ -114,8 +97,8 @@ def test_qemu_dying_mid_checkpoint_leaves_earlier_checkpoints_intact(sm: Sm, gue
     err, first = _interrupted_checkpoint(sm, guest, kill_qemu)
     assert "QEMU" in err
     serial = sm.serial("i")
-    mark = serial.size()
     sm("restore", "i", first["id"])  # QEMU is gone: nothing to save first
+    mark = serial.last_start()
     serial.wait_counter(2, since=mark)
     assert "disk-mismatch" not in serial.text(since=mark)
 
@@ -138,8 +121,8 @@ def test_disk_full_mid_checkpoint(sm: Sm, guest: tuple[Path, Path]) -> None:
         filler.unlink()
         assert [c["id"] for c in sm("checkpoints", "full", "--json").json()] == [first["id"]]
         assert sm("check", "--read-data").returncode == 0
-        mark = serial.size()
         sm("restore", "full", first["id"], "--discard-current")
+        mark = serial.last_start()
         serial.wait_counter(2, since=mark)
     finally:
         sm.kill_all()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -39,8 +38,9 @@ def checkpoint(sm: Sm, name: str, note: str = "") -> dict:
 
 
 def restore_and_first_counter(sm: Sm, serial: Serial, name: str, ckpt: str, *extra: str) -> int:
-    mark = serial.size()
+    """Restore, then return the first counter the restored guest prints."""
     sm("restore", name, ckpt, *extra)
+    mark = serial.last_start()
     serial.wait_counter(2, since=mark)
     return serial.counters(since=mark)[0]
 
@@ -126,7 +126,7 @@ def test_export_loads_in_stock_qemu(sm: Sm, guest: tuple[Path, Path], tmp_path: 
         assert "disk-mismatch" not in exported.text()
     finally:
         proc.kill()
-        proc.wait()
+        proc.communicate()
 
 
 def test_cli_can_die_while_qemu_keeps_running_and_reconnects(sm: Sm, guest: tuple[Path, Path]) -> None:
@@ -136,10 +136,9 @@ def test_cli_can_die_while_qemu_keeps_running_and_reconnects(sm: Sm, guest: tupl
     serial.wait_counter(2)
     pid = sm("status", "alive", "--json").json()["pid"]
     # Kill a checkpointing CLI mid-way: QEMU and the guest carry on, nothing half-written is visible.
-    proc = sm.popen("checkpoint", "alive")
-    time.sleep(1.0)
+    proc = sm.popen_until("checkpoint: streaming memory", "checkpoint", "alive")
     proc.kill()
-    proc.wait()
+    proc.communicate()
     n = serial.counters()[-1]
     serial.wait_counter(n + 2)
     st = sm("status", "alive", "--json").json()

@@ -84,8 +84,8 @@ def test_ordinary_user_without_userfaultfd_gets_a_correct_paused_checkpoint(
     assert "vm.unprivileged_userfaultfd" in log  # the one-sentence explanation with the fix
     value = serial.counters()[-1]
     serial.wait_counter(value + 3)
-    mark = serial.size()
     user_sm("restore", "u", c["id"])
+    mark = serial.last_start()
     serial.wait_counter(2, since=mark)
     assert abs(serial.counters(since=mark)[0] - value) <= 1
     assert "disk-mismatch" not in serial.text(since=mark)

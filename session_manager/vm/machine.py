@@ -36,6 +36,10 @@ def node_name(layer: str) -> str:
     return "n" + layer.removeprefix("layer-").removesuffix(".qcow2")
 
 
+def layer_of_node(node: str) -> str:
+    return f"layer-{node[1:]}.qcow2"
+
+
 class RunState(str, Enum):
     """QEMU's run states that matter here (QMP ``query-status``)."""
 

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import TypeVar
 
 from ..errors import QemuError
 from .disk import create_overlay, image_info, new_layer_name
-from .machine import DISK_DEVICE, Machine, RunState, node_name
+from .machine import DISK_DEVICE, Machine, RunState, layer_of_node, node_name
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ async def active_layer(machine: Machine) -> str:
     """The overlay file QEMU is writing the disk to (QEMU is the truth, not our state file)."""
     for dev in await machine.run("query-block"):
         if DISK_DEVICE in (dev.get("qdev") or "") and dev.get("inserted"):
-            return Path(dev["inserted"]["file"]).name
+            return layer_of_node(dev["inserted"]["node-name"])
     raise QemuError("The session's QEMU has no disk attached; recreate the session.")
 
 
@@ -83,6 +84,8 @@ async def capture(
     """Checkpoint the running machine; ``consume`` reads the stream (in a thread) and returns a result."""
     if await machine.status() != RunState.RUNNING:
         raise QemuError("The session's guest is not running, so it cannot be checkpointed now; start or resume it first.")
+    while (await machine.run("query-migrate")).get("status") in ("setup", "active", "device"):
+        await asyncio.sleep(0.1)  # an abandoned checkpoint's stream is still draining
     old = await active_layer(machine)
     new = new_layer_name()
     size = int(image_info(disks / old)["virtual-size"])
@@ -95,35 +98,39 @@ async def capture(
                       {"capabilities": [{"capability": "background-snapshot", "state": live}]})
     await machine.run("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH})
 
-    rfd, wfd = os.pipe()
+    relay = _Relay()
     try:
-        await machine.pass_fd(wfd, "sm-checkpoint")
+        await machine.pass_fd(relay.qemu_fd, "sm-checkpoint")
     finally:
-        os.close(wfd)
-    reader = _PipeReader(rfd)
-    consumer = asyncio.ensure_future(asyncio.to_thread(consume, reader.read))
+        os.close(relay.qemu_fd)
+    consumer = asyncio.ensure_future(asyncio.to_thread(relay.run, consume))
     started = time.monotonic()
     stopped_at: float | None = None
     resumed_at: float | None = None
-    switched = False
+    switched = streaming = False
     try:
         await machine.run("stop")
         stopped_at = time.monotonic()
         await machine.run("blockdev-snapshot", {"node": node_name(old), "overlay": node_name(new)})
         switched = True
         await machine.run("migrate", {"uri": "fd:sm-checkpoint"})
+        streaming = True
         if live:
             resumed_at = time.monotonic()  # QEMU resumes the guest itself
         on_layer_switched(new)
         log.info("checkpoint: streaming memory (%s)", "live" if live else "stop-and-copy")
-        info = await _wait_migration(machine, "checkpoint")
+        info = await _wait_migration(machine, "checkpoint", consumer)
         if not live:
             await machine.run("cont")
             resumed_at = time.monotonic()
         result = await consumer
+        relay.proc.wait()
     except BaseException:
-        with contextlib.suppress(QemuError):
-            await machine.run("migrate_cancel")
+        relay.cancelled = True
+        if not (live and streaming):
+            # Never cancel a background snapshot: the relay drains it instead (see _Relay).
+            with contextlib.suppress(QemuError):
+                await machine.run("migrate_cancel")
         if stopped_at is not None:
             with contextlib.suppress(QemuError):
                 if await machine.status() == RunState.PAUSED:
@@ -131,12 +138,10 @@ async def capture(
         if switched:
             on_layer_switched(new)
         with contextlib.suppress(QemuError):
-            await machine.run("closefd", {"fdname": "sm-checkpoint"})  # unblocks the reader if unused
+            await machine.run("closefd", {"fdname": "sm-checkpoint"})  # ends the relay if QEMU never used it
         with contextlib.suppress(BaseException):
-            await consumer  # it ends once QEMU closes the pipe; its error is secondary
+            await consumer  # returns at its next read; its error is secondary
         raise
-    finally:
-        reader.close()
     assert stopped_at is not None and resumed_at is not None
     return Capture(
         live=live,
@@ -145,7 +150,7 @@ async def capture(
         downtime_ms=float(info.get("downtime", 0)),
         held_ms=(resumed_at - stopped_at) * 1000,
         wall_s=time.monotonic() - started,
-        stream_bytes=reader.total,
+        stream_bytes=relay.total,
     ), result
 
 
@@ -181,9 +186,11 @@ def _write_all(fd: int, chunks: Iterable[bytes]) -> None:
         os.close(fd)
 
 
-async def _wait_migration(machine: Machine, what: str) -> dict:
+async def _wait_migration(machine: Machine, what: str, reader: asyncio.Future[T] | None = None) -> dict:
     delay = 0.005
     while True:
+        if reader is not None and reader.done() and reader.exception() is not None:
+            raise reader.exception()  # type: ignore[misc]
         info = await machine.run("query-migrate")
         status = info.get("status")
         if status == "completed":
@@ -194,18 +201,39 @@ async def _wait_migration(machine: Machine, what: str) -> dict:
         delay = min(delay * 2, 0.05)
 
 
-class _PipeReader:
-    """Blocking reads from the pipe QEMU writes the stream into, with a byte count."""
+class _Relay:
+    """QEMU -> relay -> us.
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    QEMU 7.2 deadlocks when a background snapshot stops mid-stream (cancelled,
+    or its reader gone) while a thread is blocked in a userfaultfd fault: the
+    clean-up needs the lock that thread holds.  So the stream must always be
+    read to its end.  The relay is ``cat`` in a session of its own: when we stop
+    reading (an error, Ctrl-C, or this process killed) it drains the rest into
+    /dev/null, and QEMU finishes normally.
+    """
+
+    def __init__(self) -> None:
+        relay_in, self.qemu_fd = os.pipe()
+        self.fd, relay_out = os.pipe()
+        self.proc = subprocess.Popen(
+            ["sh", "-c", "cat || exec cat >/dev/null"], stdin=relay_in, stdout=relay_out,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        os.close(relay_in)
+        os.close(relay_out)
         self.total = 0
+        self.cancelled = False
 
     def read(self, n: int) -> bytes:
+        if self.cancelled:
+            raise QemuError("The checkpoint was cancelled.")
         data = os.read(self.fd, n)
         self.total += len(data)
         return data
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
+    def run(self, consume: Callable[[Callable[[int], bytes]], T]) -> T:
+        """Run ``consume`` on the stream (in a worker thread); closing our end lets the relay drain."""
+        try:
+            return consume(self.read)
+        finally:
             os.close(self.fd)

@@ -1,0 +1,511 @@
+"""The checkpoint repository: exact round trips, deduplication, crash safety, maintenance."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from test_stream import (  # noqa: F401
+    Synthetic,
+    fill_data,
+    needs_qemu,
+    qemu_streams,
+    reader,
+    record_stream,
+)
+
+from session_manager.errors import (
+    CorruptionError,
+    NotFoundError,
+    RepositoryError,
+    StreamFormatError,
+    UsageError,
+)
+from session_manager.store import maintenance, writer
+from session_manager.store.codec import decode, encode
+from session_manager.store.repo import CheckpointInfo, Repository
+from session_manager.store.writer import CHUNK_SIZE, MAP_RANGE
+from session_manager.vm.stream import PAGE_SIZE, iter_segments
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+
+def ingest(repo: Repository, data: bytes, session: str = "s", parent: str | None = None,
+           created: datetime | None = None, meta: dict | None = None) -> CheckpointInfo:
+    with repo.writer(session=session, parent=parent) as w:
+        w.add_memory(iter_segments(reader(data)))
+        return w.commit(meta or {"kind": "auto"}, created=created)
+
+
+def stream_of(repo: Repository, ckpt: CheckpointInfo | str) -> bytes:
+    return b"".join(repo.memory_stream(ckpt))
+
+
+def synthetic_stream(pages: list[bytes | None], state: bytes = b"device state") -> bytes:
+    """A valid stream whose RAM pages are ``pages`` (None: a zero page) at consecutive addresses."""
+    s = Synthetic(blocks={b"pc.ram": max(len(pages), 1) * PAGE_SIZE}).section(0x01).section(0x02)
+    for i, p in enumerate(pages):
+        s.page(b"pc.ram", i * PAGE_SIZE, p)
+    return s.end().devices(state)
+
+
+def random_pages(n: int, seed: int) -> list[bytes]:
+    rnd = random.Random(seed)
+    return [rnd.randbytes(PAGE_SIZE // 2) * 2 for _ in range(n)]  # compressible, like real memory
+
+
+def pack_files(path: Path) -> set[Path]:
+    return set((path / "data").rglob("*"))  - {p for p in (path / "data").rglob("*") if p.is_dir()}
+
+
+SCRIPT = textwrap.dedent("""
+    import os, sys
+    from session_manager.store import backend as B, repo as R, writer as W
+    from session_manager.vm.stream import iter_segments
+
+    W.PACK_SIZE = 128 << 10  # many small packs: many places to be killed at
+    W.BLOCK_SIZE = 32 << 10
+    kill_at = os.environ.get("KILL_AT", "")
+    packs = deletes = 0
+
+    def die():
+        os.kill(os.getpid(), 9)
+
+    finish = B._LocalObject.finish
+    def killing_finish(self, name):
+        global packs
+        kind = name.split("/")[0]
+        packs += kind == "data"
+        if kill_at == "before:" + kind or (kind == "data" and kill_at == f"pack:{packs}"):
+            die()
+        finish(self, name)
+        if kill_at == "after:" + kind:
+            die()
+    B._LocalObject.finish = killing_finish
+
+    delete = B.LocalBackend.delete
+    def killing_delete(self, name):
+        global deletes
+        deletes += 1
+        if kill_at == f"delete:{deletes}" or kill_at == "delete:" + name.split("/")[0]:
+            die()
+        delete(self, name)
+    B.LocalBackend.delete = killing_delete
+
+    repo = R.Repository.open(sys.argv[1], create=True)
+    if sys.argv[2] == "ingest":
+        with open(sys.argv[3], "rb") as f, repo.writer(session=sys.argv[4]) as w:
+            w.add_memory(iter_segments(f.read))
+            print(w.commit({"kind": "auto"}).id)
+    else:
+        repo.prune()
+""")
+
+
+def run_script(tmp_path: Path, *args: str, kill_at: str = "") -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "store_script.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KILL_AT": kill_at}
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def assert_consistent(repo: Repository, expected: dict[str, bytes]) -> None:
+    """check() is clean and exactly the expected checkpoints exist and restore byte for byte."""
+    report = repo.check(read_data=True)
+    assert report.ok, report.summary()
+    assert {c.id for c in repo.checkpoints()} == set(expected)
+    for ckpt_id, data in expected.items():
+        repo.verify(ckpt_id)
+        assert stream_of(repo, ckpt_id) == data
+
+
+# -- round trips ------------------------------------------------------------------------------------------
+
+
+@needs_qemu
+def test_real_streams_round_trip(tmp_path: Path, qemu_streams: dict[str, Path]) -> None:
+    repo = Repository.open(tmp_path / "repo", create=True)
+    infos = {}
+    for which in ("small-plain", "small-bg", "large-plain", "large-bg"):
+        data = qemu_streams[which].read_bytes()
+        infos[which] = ingest(repo, data, session=which.split("-")[0])
+        assert infos[which].stream_bytes == len(data)
+    for which, info in infos.items():
+        original = hashlib.sha256(qemu_streams[which].read_bytes()).hexdigest()
+        assert hashlib.sha256(stream_of(repo, info)).hexdigest() == original
+        assert all(len(chunk) <= 3 << 20 for chunk in repo.memory_stream(info))
+        repo.verify(info)
+    assert [c.id for c in repo.checkpoints("large")] == [infos["large-plain"].id, infos["large-bg"].id]
+    # The same guest memory twice (plain, then background) costs little the second time.
+    assert infos["large-bg"].added_bytes < infos["large-plain"].added_bytes / 5
+    assert repo.check(read_data=True).ok
+
+
+@needs_qemu
+def test_second_checkpoint_of_a_barely_changed_guest_adds_little(tmp_path: Path) -> None:
+    fill = bytearray(fill_data(24, 7))
+    first = record_stream(tmp_path / "a.stream", 160, bytes(fill), background=False).read_bytes()
+    changed = [3, 1000, 4000]  # pages of the fill that the guest "wrote"
+    for i in changed:
+        fill[i * PAGE_SIZE:i * PAGE_SIZE + 8] = b"changed!"
+    second = record_stream(tmp_path / "b.stream", 160, bytes(fill), background=False).read_bytes()
+
+    repo = Repository.open(tmp_path / "repo", create=True)
+    a = ingest(repo, first)
+    with repo.writer(session="s", parent=a.id) as w:
+        stats = w.add_memory(iter_segments(reader(second)))
+        b = w.commit({"kind": "auto"})
+    assert stream_of(repo, b) == second and stream_of(repo, a) == first
+    assert stats.new_pages == len(changed)
+    # Bound from what changed: the new pages, plus the segments that differ (stored raw at worst).
+    old = {(s.data, s.page_offsets) for s in iter_segments(reader(first))}
+    differing = [s for s in iter_segments(reader(second)) if (s.data, s.page_offsets) not in old]
+    changed_segments = [s for s in iter_segments(reader(second)) if any(p in s.pages for p in (
+        bytes(fill[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in changed))]
+    bound = sum(len(s.data) + 40 * len(s.pages) + 20 for s in differing + changed_segments) + len(changed) * (PAGE_SIZE + 1)
+    assert b.added_bytes <= bound
+    assert b.added_bytes < a.added_bytes / 20
+    assert b.parent == a.id
+
+
+def test_disk_round_trip_with_parent(tmp_path: Path) -> None:
+    repo = Repository.open(tmp_path / "repo", create=True)
+    rnd = random.Random(3)
+    size = (2 * MAP_RANGE + 10) * CHUNK_SIZE + 1000  # three map ranges, a short last chunk
+    last = size // CHUNK_SIZE
+    disk: dict[int, bytes] = {i: rnd.randbytes(CHUNK_SIZE) for i in (0, 5, MAP_RANGE + 1, 2 * MAP_RANGE)}
+    disk[last] = rnd.randbytes(1000)
+    with repo.writer(session="d") as w:
+        w.add_disk(size, sorted(disk.items()) + [(7, bytes(CHUNK_SIZE))], base=None)
+        a = w.commit({})
+    assert repo.disk_size(a) == size
+    assert dict(repo.disk_chunks(a)) == disk
+    # A child: one chunk changed, one zeroed, one new; unchanged map ranges are shared.
+    child = dict(disk)
+    child[5] = rnd.randbytes(CHUNK_SIZE)
+    del child[0]
+    child[9] = rnd.randbytes(CHUNK_SIZE)
+    with repo.writer(session="d", parent=a.id) as w:
+        added = w.add_disk(size, [(5, child[5]), (0, bytes(CHUNK_SIZE)), (9, child[9])], base=a.id)
+        b = w.commit({})
+    assert list(repo.disk_chunks(b)) == sorted(child.items())
+    assert dict(repo.disk_chunks(a)) == disk
+    assert added < 3 * CHUNK_SIZE + 4 * 2 ** 10 * 40
+    maps_a, maps_b = a.manifest["disk"]["maps"], b.manifest["disk"]["maps"]
+    assert maps_a[1:] == maps_b[1:] and maps_a[0] != maps_b[0]
+    # Shrinking the disk drops the chunks beyond its end.
+    with repo.writer(session="d", parent=b.id) as w:
+        w.add_disk(MAP_RANGE * CHUNK_SIZE + 2 * CHUNK_SIZE, [], base=b.id)
+        c = w.commit({})
+    assert dict(repo.disk_chunks(c)) == {i: d for i, d in child.items() if i < MAP_RANGE + 2}
+    with pytest.raises(ValueError):
+        with repo.writer(session="d") as w:
+            w.add_disk(size, [(1, b"short")], base=None)
+    repo.verify(c)
+    assert repo.check(read_data=True).ok
+
+
+def test_thumbnail_annotations_and_lookup(tmp_path: Path) -> None:
+    repo = Repository.open(tmp_path / "repo", create=True)
+    with repo.writer(session="t") as w:
+        w.set_thumbnail(b"\x89PNG fake")
+        a = w.commit({"note": "first", "kind": "manual"})
+    assert repo.thumbnail(a) == b"\x89PNG fake"
+    assert a.note == "first" and not a.pinned
+    repo.annotate(a, note="renamed")
+    got = repo.annotate(a.id, pinned=True)
+    assert got.note == "renamed" and got.pinned and got.meta["kind"] == "manual"
+    assert repo.get(a.id[:6]).pinned
+    assert repo.checkpoints("t")[0].note == "renamed"
+    assert json.loads(decode(repo.backend.load(f"checkpoints/{a.id}"), None, "m"))["meta"]["note"] == "first"
+    with pytest.raises(NotFoundError, match="does not exist"):
+        repo.get("0123456789abcdef")
+    with pytest.raises(NotFoundError):
+        repo.get("../config")
+    for _ in range(40):
+        with repo.writer(session="t") as w:
+            w.commit({})
+    prefixes = [c.id[:1] for c in repo.checkpoints()]
+    common = max(set(prefixes), key=prefixes.count)
+    with pytest.raises(NotFoundError, match="ambiguous"):
+        repo.get(common)
+    with pytest.raises(NotFoundError, match="no memory"):
+        stream_of(repo, a)
+
+
+def test_uncommitted_writer_leaves_nothing(tmp_path: Path) -> None:
+    repo = Repository.open(tmp_path / "repo", create=True)
+    data = synthetic_stream(random_pages(600, 1))
+    with repo.writer(session="s") as w:
+        w.add_memory(iter_segments(reader(data)))
+    assert repo.checkpoints() == [] and not pack_files(tmp_path / "repo")
+    assert not list(repo.backend.list("index/")) and not list(repo.backend.list("locks/"))
+
+
+def test_malformed_stream_stores_nothing(tmp_path: Path) -> None:
+    repo = Repository.open(tmp_path / "repo", create=True)
+    good = synthetic_stream(random_pages(50, 1))
+    a = ingest(repo, good)
+    before = pack_files(tmp_path / "repo")
+    bad = synthetic_stream(random_pages(3000, 2))
+    with pytest.raises(StreamFormatError):
+        ingest(repo, bad[:-10])
+    assert [c.id for c in repo.checkpoints()] == [a.id]
+    assert pack_files(tmp_path / "repo") == before
+    assert_consistent(repo, {a.id: good})
+
+
+# -- crashes ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kill_at", ["pack:1", "pack:20", "before:index", "before:checkpoints", "after:checkpoints"])
+def test_kill_during_ingest(tmp_path: Path, kill_at: str) -> None:
+    path = tmp_path / "repo"
+    repo = Repository.open(path, create=True)
+    base = synthetic_stream(random_pages(300, 1))
+    a = ingest(repo, base)
+    data = synthetic_stream(random_pages(200, 1) + random_pages(1500, 2) + [None] * 50, state=b"other")
+    (tmp_path / "b.stream").write_bytes(data)
+    run = run_script(tmp_path, str(path), "ingest", str(tmp_path / "b.stream"), "s", kill_at=kill_at)
+    assert run.returncode == -9, run.stderr
+    expected = {a.id: base}
+    if kill_at == "after:checkpoints":  # the manifest was written: the checkpoint exists
+        expected[repo.checkpoints()[-1].id] = data
+    assert_consistent(repo, expected)
+    # The dead writer's lock does not block anyone, and prune removes what it left.
+    b = ingest(repo, data)
+    expected[b.id] = data
+    repo.prune()
+    assert_consistent(repo, expected)
+    assert repo.check().unused_packs == 0 and not list(path.rglob(".tmp-*"))
+
+
+@pytest.fixture(scope="module")
+def prunable(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
+    """A repository with garbage: a forgotten checkpoint whose packs are partly shared."""
+    path = tmp_path_factory.mktemp("prunable") / "repo"
+    writer.PACK_SIZE, saved = 128 << 10, writer.PACK_SIZE
+    try:
+        repo = Repository.open(path, create=True)
+        pages = random_pages(1200, 5)
+        a = synthetic_stream(pages)
+        b = synthetic_stream(pages[::3] + random_pages(300, 6))  # a third of a's pages
+        c = synthetic_stream(random_pages(400, 7))
+        infos = [ingest(repo, d) for d in (a, b, c)]
+    finally:
+        writer.PACK_SIZE = saved
+    repo.delete_checkpoint(infos[0])
+    return path, {infos[1].id: b, infos[2].id: c}
+
+
+def test_prune_reclaims_and_repacks(tmp_path: Path, prunable: tuple[Path, dict[str, bytes]]) -> None:
+    shutil.copytree(prunable[0], tmp_path / "repo")
+    repo = Repository.open(tmp_path / "repo")
+    before = repo.du()
+    stats = repo.prune()
+    assert stats.packs_repacked > 0 and stats.packs_written > 0 and stats.bytes_freed > 0
+    after = repo.du()
+    assert after.repository_bytes < before.repository_bytes
+    assert after.stored_bytes == before.stored_bytes  # what is used stays, just moved
+    assert len(list(repo.backend.list("index/"))) == 1
+    assert_consistent(repo, prunable[1])
+    again = repo.prune()
+    assert again.packs_deleted == again.packs_repacked == again.bytes_freed == 0
+
+
+@pytest.mark.parametrize("kill_at", ["before:index", "after:index", "delete:index", "delete:data", "delete:3"])
+def test_kill_during_prune(tmp_path: Path, prunable: tuple[Path, dict[str, bytes]], kill_at: str) -> None:
+    path = tmp_path / "repo"
+    shutil.copytree(prunable[0], path)
+    run = run_script(tmp_path, str(path), "prune", kill_at=kill_at)
+    assert run.returncode == -9, run.stderr
+    repo = Repository.open(path)
+    assert_consistent(repo, prunable[1])
+    repo.prune()
+    assert_consistent(repo, prunable[1])
+    assert repo.check().unused_packs == 0
+
+
+def test_two_processes_write_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "repo"
+    Repository.open(path, create=True)
+    shared = random_pages(400, 1)
+    streams = {}
+    procs = []
+    script = tmp_path / "store_script.py"
+    script.write_text(SCRIPT)
+    for n in range(2):
+        data = synthetic_stream(shared + random_pages(800, 10 + n), state=bytes([n]) * 100)
+        (tmp_path / f"{n}.stream").write_bytes(data)
+        procs.append(subprocess.Popen([sys.executable, str(script), str(path), "ingest", str(tmp_path / f"{n}.stream"),
+                                       f"s{n}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "PYTHONPATH": str(ROOT)}))
+        streams[n] = data
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    ids = {n: out.strip() for n, (out, _) in enumerate(outputs)}
+    repo = Repository.open(path)
+    assert_consistent(repo, {ids[n]: streams[n] for n in ids})
+
+
+# -- damage ------------------------------------------------------------------------------------------------
+
+
+def damaged_repo(tmp_path: Path) -> tuple[Repository, CheckpointInfo, CheckpointInfo]:
+    writer.PACK_SIZE, saved = 64 << 10, writer.PACK_SIZE
+    try:
+        repo = Repository.open(tmp_path / "repo", create=True)
+        a = ingest(repo, synthetic_stream(random_pages(100, 1), state=b"a"))
+        b = ingest(repo, synthetic_stream(random_pages(100, 2), state=b"b"))
+    finally:
+        writer.PACK_SIZE = saved
+    return repo, a, b
+
+
+def pack_of(repo: Repository, ckpt: CheckpointInfo) -> tuple[Path, int]:
+    """The pack holding the checkpoint's last page (only it uses that pack), and where in it."""
+    from session_manager.store.codec import decode_segment
+    table = repo._index()
+    segments = repo._fetch(table, repo._segments(ckpt), "test")
+    page_id = [ids[-1] for _, _, ids in (decode_segment(s, "test") for s in segments) if ids][-1]
+    pos = table.find(page_id)
+    pack = table.packs[table.pack[pos]]
+    return repo.backend.root / "data" / pack[:2] / pack, table.offset[pos]
+
+
+def test_flipped_byte_is_found(tmp_path: Path) -> None:
+    repo, a, b = damaged_repo(tmp_path)
+    pack, offset = pack_of(repo, b)
+    data = bytearray(pack.read_bytes())
+    data[offset + 100] ^= 0x40
+    pack.write_bytes(bytes(data))
+    with pytest.raises(CorruptionError, match=b.id[:8]):
+        repo.verify(b)
+    repo.verify(a)
+    report = repo.check(read_data=True)
+    assert not report.ok and report.damaged == [b.id]
+    assert any(b.id[:8] in e for e in report.errors), report.summary()
+
+
+def test_missing_pack_is_found(tmp_path: Path) -> None:
+    repo, a, b = damaged_repo(tmp_path)
+    pack, _ = pack_of(repo, a)
+    pack.unlink()
+    with pytest.raises(CorruptionError, match=a.id[:8]):
+        repo.verify(a)
+    with pytest.raises(CorruptionError, match=a.id[:8]):
+        stream_of(repo, a)
+    report = repo.check()
+    assert not report.ok and report.damaged == [a.id] and "missing" in report.summary()
+    with pytest.raises(CorruptionError, match="Prune stopped"):
+        repo.prune()
+
+
+def test_damaged_pack_header_is_found_without_reading_data(tmp_path: Path) -> None:
+    repo, a, b = damaged_repo(tmp_path)
+    pack, _ = pack_of(repo, b)
+    data = bytearray(pack.read_bytes())
+    data[-20] ^= 0x01  # inside the last header entry's id
+    pack.write_bytes(bytes(data))
+    report = repo.check()
+    assert not report.ok and b.id in report.damaged
+
+
+# -- locks -------------------------------------------------------------------------------------------------
+
+
+def test_prune_waits_for_writers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(maintenance, "PRUNE_LOCK_WAIT", 0.3)
+    repo = Repository.open(tmp_path / "repo", create=True)
+    with repo.writer(session="s"):
+        with pytest.raises(RepositoryError, match="locked by a checkpoint of session 's'"):
+            repo.prune()
+    repo.prune()
+
+
+def test_stale_locks_are_ignored(tmp_path: Path) -> None:
+    repo = Repository.open(tmp_path / "repo", create=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    old = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
+    now = datetime.now(timezone.utc).isoformat()
+    locks = {
+        "dead": {"exclusive": True, "host": os.uname().nodename, "pid": dead.pid, "time": now},
+        "old": {"exclusive": True, "host": "elsewhere", "pid": 1, "time": old},
+    }
+    for name, info in locks.items():
+        repo.backend.save(f"locks/{name}", encode(json.dumps(info).encode()))
+    ingest(repo, synthetic_stream(random_pages(10, 1)))
+    assert list(repo.backend.list("locks/")) == []
+    live = {"exclusive": True, "host": "elsewhere", "pid": 1, "time": now, "purpose": "prune"}
+    repo.backend.save("locks/live", encode(json.dumps(live).encode()))
+    with pytest.raises(RepositoryError, match="locked by prune"):
+        repo._lock(False, "test", wait=0.2)
+
+
+# -- forget and du -----------------------------------------------------------------------------------------
+
+
+def test_forget_rules(tmp_path: Path) -> None:
+    repo = Repository.open(tmp_path / "repo", create=True)
+    start = datetime(2024, 3, 1, 12, 0, tzinfo=timezone.utc)
+    made = []
+    for h in range(0, 24 * 10, 5):  # every 5 hours for 10 days
+        kind = "manual" if h == 30 else "auto"
+        with repo.writer(session="f") as w:
+            made.append(w.commit({"kind": kind}, created=start + timedelta(hours=h)))
+    with repo.writer(session="other") as w:
+        other = w.commit({"kind": "auto"}, created=start)
+    repo.annotate(made[1], pinned=True)
+    with pytest.raises(UsageError):
+        repo.forget("f")
+    removed = repo.forget("f", keep_last=3, keep_daily=2)
+    kept = {c.id for c in repo.checkpoints("f")}
+    newest = sorted(made, key=lambda c: c.created)[::-1]
+    days: dict[str, str] = {}
+    for c in newest:
+        days.setdefault(c.created_at.astimezone().strftime("%Y-%m-%d"), c.id)
+    expected = {c.id for c in newest[:3]} | set(list(days.values())[:2]) | {made[1].id, made[6].id}
+    assert kept == expected
+    assert {c.id for c in removed} == {c.id for c in made} - expected
+    assert repo.get(other.id)  # other sessions are untouched
+    # keep_within keeps by age from the newest; manual ones go when asked.
+    repo.forget("f", keep_within=timedelta(hours=5), keep_manual=False)
+    assert {c.id for c in repo.checkpoints("f")} == {newest[0].id, newest[1].id, made[1].id}
+    repo.forget("f", keep_weekly=1, keep_monthly=1)
+    assert {c.id for c in repo.checkpoints("f")} == {newest[0].id, made[1].id}
+
+
+def test_du(tmp_path: Path) -> None:
+    repo = Repository.open(tmp_path / "repo", create=True)
+    data = synthetic_stream(random_pages(500, 1) + [None] * 100)
+    a = ingest(repo, data, session="a")
+    ingest(repo, data, session="b")
+    du = repo.du()
+    assert du.checkpoints == 2 and du.logical_bytes == 2 * len(data)
+    assert du.dedup_ratio > 1.9 and du.compression_ratio > 1.5
+    assert du.added[a.id] == a.added_bytes and du.stored_bytes <= du.repository_bytes
+    assert repo.du(session="a").logical_bytes == len(data)
+    assert "deduplication" in du.summary() and json.dumps(du.to_dict())
+
+
+def test_ingest_is_not_slow(tmp_path: Path) -> None:
+    """Far below what it does on this machine (~400 MB/s); catches accidental quadratic work."""
+    repo = Repository.open(tmp_path / "repo", create=True)
+    data = synthetic_stream(random_pages(8000, 1) + [None] * 8000)
+    start = time.perf_counter()
+    ingest(repo, data)
+    assert len(data) / (time.perf_counter() - start) > 30e6

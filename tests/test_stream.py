@@ -1,0 +1,400 @@
+"""The migration stream splitter, on streams recorded from a real QEMU and on synthetic ones."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from session_manager.errors import StreamFormatError
+from session_manager.vm.stream import PAGE_SIZE, SEGMENT_DATA_MAX, Segment, iter_segments
+
+QEMU = shutil.which("qemu-system-x86_64")
+needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+FILL_AT = 16 << 20  # guest-physical address where the recorder loads its random data
+
+
+# -- helpers shared with test_store.py ---------------------------------------------------------------
+
+
+class Qmp:
+    """A minimal synchronous QMP client over a unix socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.sock.close()
+                    raise
+                time.sleep(0.05)
+        self.file = self.sock.makefile("rw")
+        json.loads(self.file.readline())
+        self("qmp_capabilities")
+
+    def __call__(self, name: str, **args: object) -> dict:
+        self.file.write(json.dumps({"execute": name, "arguments": args}) + "\n")
+        self.file.flush()
+        while True:
+            reply = json.loads(self.file.readline())
+            if "error" in reply:
+                raise AssertionError(f"QMP {name}: {reply['error']}")
+            if "return" in reply:
+                return reply["return"]
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def record_stream(out: Path, memory_mib: int, fill: bytes, background: bool, capability: str = "") -> Path:
+    """A migration stream of a real QEMU (TCG, started with -S) whose RAM holds ``fill`` at 16 MiB.
+
+    Plain: the guest never ran, migrated while stopped.  Background: the guest runs the BIOS
+    (a background snapshot from the prelaunch state makes QEMU 7.2 abort) during a
+    background-snapshot migration.  ``capability``: one more migration capability to enable.
+    """
+    work = out.parent / f"{out.name}.d"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "fill.bin").write_bytes(fill)
+    sock = work / "qmp.sock"
+    qemu = subprocess.Popen(
+        [QEMU, "-accel", "tcg", "-m", str(memory_mib), "-display", "none", "-nodefaults", "-S",
+         "-qmp", f"unix:{sock},server=on,wait=off",
+         "-device", f"loader,file={work / 'fill.bin'},addr={FILL_AT:#x},force-raw=on"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = None
+    try:
+        cmd = Qmp(sock)
+        if background:
+            cmd("cont")
+        for cap in ["background-snapshot"] * background + [capability] * bool(capability):
+            cmd("migrate-set-capabilities", capabilities=[{"capability": cap, "state": True}])
+        cmd("migrate", uri=f"exec:cat > {out}")
+        deadline = time.monotonic() + 60
+        while (status := cmd("query-migrate").get("status")) not in ("completed", "failed", "cancelled"):
+            assert time.monotonic() < deadline, "the migration did not finish"
+            time.sleep(0.02)
+        assert status == "completed"
+        cmd("quit")
+        qemu.wait(30)
+    finally:
+        if cmd:
+            cmd.close()
+        if qemu.poll() is None:
+            qemu.kill()
+            qemu.wait()
+        shutil.rmtree(work)
+    return out
+
+
+def fill_data(mib: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(mib << 20)
+
+
+@functools.cache
+def _recorded(base: str) -> dict[str, Path]:
+    """Recorded once per test session: two guest sizes, plain and background."""
+    d = Path(base)
+    d.mkdir(parents=True, exist_ok=True)
+    return {
+        f"{size}-{mode}": record_stream(d / f"{size}-{mode}.stream", memory, fill_data(fill, 1), mode == "bg")
+        for size, memory, fill in (("small", 48, 4), ("large", 160, 24))
+        for mode in ("plain", "bg")
+    }
+
+
+@pytest.fixture(scope="session")
+def qemu_streams(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    if QEMU is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    return _recorded(str(tmp_path_factory.getbasetemp() / "qemu-streams"))
+
+
+def reader(data: bytes, max_read: int | None = None, seed: int = 0) -> Callable[[int], bytes]:
+    """A read(n) over ``data``; with max_read, short reads of random sizes, like a pipe."""
+    pos = 0
+    rnd = random.Random(seed)
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        if max_read:
+            n = min(n, rnd.randint(1, max_read))
+        chunk = data[pos:pos + n]
+        pos += len(chunk)
+        return chunk
+
+    return read
+
+
+def rebuild(segments: Iterator[Segment]) -> bytes:
+    return b"".join(piece for seg in segments for piece in seg.pieces())
+
+
+# -- synthetic streams ---------------------------------------------------------------------------------
+
+
+def be32(n: int) -> bytes:
+    return struct.pack(">I", n)
+
+
+def be64(n: int) -> bytes:
+    return struct.pack(">Q", n)
+
+
+def name(s: bytes) -> bytes:
+    return bytes([len(s)]) + s
+
+
+class Synthetic:
+    """Builds a version-3 stream the way QEMU 7.2 writes one."""
+
+    RAM_ID = 2
+
+    def __init__(self, blocks: dict[bytes, int] | None = None) -> None:
+        self.blocks = blocks or {b"pc.ram": 16 << 20, b"vga.vram": 4 << 20}
+        self.out = bytearray(b"QEVM" + be32(3) + b"\x07" + be32(10) + b"pc-q35-7.2")
+        self.last: bytes | None = None
+        self.pages: list[bytes] = []
+
+    def section(self, kind: int) -> Synthetic:
+        self.out += bytes([kind]) + be32(self.RAM_ID)
+        if kind == 0x01:
+            self.out += name(b"ram") + be32(0) + be32(4)
+            self.out += be64(sum(self.blocks.values()) | 0x04)
+            for block, size in self.blocks.items():
+                self.out += name(block) + be64(size)
+            self.end()
+        return self
+
+    def page(self, block: bytes, addr: int, data: bytes | None = None) -> Synthetic:
+        flags = 0x08 if data is not None else 0x02
+        if block == self.last:
+            flags |= 0x20
+        self.out += be64(addr | flags)
+        if block != self.last:
+            self.out += name(block)
+            self.last = block
+        if data is None:
+            self.out += b"\x00"
+        else:
+            assert len(data) == PAGE_SIZE
+            self.out += data
+            self.pages.append(data)
+        return self
+
+    def end(self) -> Synthetic:
+        self.out += be64(0x10) + b"\x7e" + be32(self.RAM_ID)
+        return self
+
+    def devices(self, state: bytes = b"\x00\x01\x02\x03" * 100) -> bytes:
+        self.out += b"\x04" + be32(0) + name(b"timer") + be32(0) + be32(2) + state + b"\x7e" + be32(0)
+        desc = json.dumps({"page_size": 4096, "devices": []}).encode()
+        self.out += b"\x00" + b"\x06" + be32(len(desc)) + desc
+        return bytes(self.out)
+
+
+def page(n: int) -> bytes:
+    return bytes([n % 251 + 1]) * PAGE_SIZE
+
+
+def basic() -> tuple[bytes, Synthetic]:
+    s = Synthetic().section(0x01).section(0x02)
+    s.page(b"pc.ram", 0, page(1)).page(b"pc.ram", 4096).page(b"pc.ram", 8192, page(2))
+    s.page(b"pc.ram", 2 << 20, page(3))  # next 2 MiB region
+    s.page(b"vga.vram", 0, page(4))  # another block, same region number
+    s.page(b"pc.ram", 2 << 20 | 4096, page(5))
+    s.end().section(0x03).page(b"pc.ram", 12 << 20, page(6)).end()  # pages in END too
+    return s.devices(), s
+
+
+# -- tests: real QEMU streams --------------------------------------------------------------------------
+
+
+@needs_qemu
+@pytest.mark.parametrize("which", ["small-plain", "small-bg", "large-plain", "large-bg"])
+def test_real_stream_round_trip(qemu_streams: dict[str, Path], which: str) -> None:
+    data = qemu_streams[which].read_bytes()
+    segments = list(iter_segments(reader(data)))
+    assert hashlib.sha256(rebuild(iter(segments))).digest() == hashlib.sha256(data).digest()
+    pages = [p for s in segments for p in s.pages]
+    fill = fill_data(24 if which.startswith("large") else 4, 1)
+    assert {fill[i:i + PAGE_SIZE] for i in range(0, len(fill), PAGE_SIZE)} <= set(pages)
+    for seg in segments:
+        assert len(seg.data) <= SEGMENT_DATA_MAX
+        assert len(seg.page_offsets) == len(seg.pages) <= 512
+        assert list(seg.page_offsets) == sorted(seg.page_offsets) and all(len(p) == PAGE_SIZE for p in seg.pages)
+    # A pipe returns short reads; the segments must not depend on how the input arrives.
+    again = list(iter_segments(reader(data, max_read=70000, seed=3)))
+    assert again == segments
+
+
+@needs_qemu
+def test_unchanged_memory_gives_identical_segments(qemu_streams: dict[str, Path]) -> None:
+    data = bytearray(qemu_streams["large-plain"].read_bytes())
+    first = list(iter_segments(reader(bytes(data))))
+    # Change one page of the guest's memory in the stream: only the segment holding it changes.
+    victim = fill_data(24, 1)[5 << 20:(5 << 20) + PAGE_SIZE]
+    at = data.find(victim)
+    data[at:at + 16] = b"\xff" * 16
+    second = list(iter_segments(reader(bytes(data))))
+    assert len(first) == len(second)
+    differ = [i for i, (a, b) in enumerate(zip(first, second)) if a != b]
+    assert len(differ) == 1
+    assert first[differ[0]].data == second[differ[0]].data
+
+
+@needs_qemu
+@pytest.mark.parametrize("capability, message", [("x-ignore-shared", "x-ignore-shared"), ("compress", "COMPRESS_PAGE")])
+def test_real_streams_with_unsupported_capabilities(tmp_path: Path, capability: str, message: str) -> None:
+    data = record_stream(tmp_path / "s", 48, fill_data(1, 2), background=False, capability=capability).read_bytes()
+    with pytest.raises(StreamFormatError, match=message):
+        list(iter_segments(reader(data)))
+
+
+@needs_qemu
+def test_truncated_real_stream(qemu_streams: dict[str, Path]) -> None:
+    data = qemu_streams["small-bg"].read_bytes()
+    tail = data.rfind(b"\x00\x06")
+    for cut in (4, 20, 100, len(data) // 2, tail - 50, tail + 1, tail + 9, len(data) - 1):
+        with pytest.raises(StreamFormatError, match="ends"):
+            list(iter_segments(reader(data[:cut])))
+
+
+# -- tests: synthetic streams ---------------------------------------------------------------------------
+
+
+def test_synthetic_round_trip_and_cuts() -> None:
+    data, s = basic()
+    segments = list(iter_segments(reader(data)))
+    assert rebuild(iter(segments)) == data
+    assert [p for seg in segments for p in seg.pages] == s.pages
+    by_pages = [[p[0] - 1 for p in seg.pages] for seg in segments if seg.pages]
+    # One segment per (block, 2 MiB region); a section start also starts one.
+    assert by_pages == [[1, 2], [3], [4], [5], [6]]
+    # The device-state tail is opaque and has no pages.
+    assert segments[-1].pages == [] and segments[-1].data.endswith(b"}")
+
+
+def test_tail_is_cut_into_bounded_segments() -> None:
+    s = Synthetic().section(0x01).section(0x02).page(b"pc.ram", 0, page(1)).end()
+    data = s.devices(state=random.Random(5).randbytes(3 * SEGMENT_DATA_MAX + 123))
+    segments = list(iter_segments(reader(data, max_read=300000)))
+    assert rebuild(iter(segments)) == data
+    assert max(len(seg.data) for seg in segments) <= SEGMENT_DATA_MAX
+
+
+def ram_then(raw: bytes) -> bytes:
+    """A stream whose PART section has one page, then ``raw``."""
+    s = Synthetic().section(0x01).section(0x02).page(b"pc.ram", 0, page(1))
+    s.out += raw
+    return s.end().devices()
+
+
+def mutate_tail(data: bytes, at: int, new: bytes) -> bytes:
+    """Replace bytes from the EOF marker that precedes the VM description."""
+    i = data.rfind(b"\x00\x06") + at
+    return data[:i] + new + data[i + len(new):]
+
+
+BASIC = basic()[0]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (b"QEVX" + BASIC[4:], "magic"),
+    (BASIC[:4] + be32(2) + BASIC[8:], "version 2"),
+    (BASIC[:4] + be32(4) + BASIC[8:], "version 4"),
+    (ram_then(be64(4096 | 0x40 | 0x20) + b"\x00" * 4096), "XBZRLE"),
+    (ram_then(be64(4096 | 0x100 | 0x20) + b"\x00" * 4096), "COMPRESS_PAGE"),
+    (ram_then(be64(4096 | 0x400 | 0x20) + b"\x00" * 4096), "invalid RAM record"),
+    (ram_then(be64(4096 | 0x10)), "invalid RAM record"),
+    (ram_then(be64(0x04 | 0x20)), "invalid RAM record"),  # MEM_SIZE with CONTINUE
+    (ram_then(be64(4096 | 0x08) + name(b"nope") + b"\x00" * 4096), "unknown RAM block 'nope'"),
+    (ram_then(be64(0x10) + b"\x09" + be32(2)), "unexpected section type 0x09"),
+    (ram_then(be64(0x10) + b"\x08" + b"\x00\x01\x00\x00"), "postcopy"),
+    (ram_then(be64(0x10) + b"\x02" + be32(7)), "not the RAM section"),
+    (ram_then(be64(0x10) + b"\x7e" + be32(3)), "footer"),
+    (mutate_tail(BASIC, 1, b"\x07"), "VM description"),
+    (mutate_tail(BASIC, 2, be32(5)), "VM description"),
+    (BASIC + b"x", "VM description"),
+    (BASIC.replace(name(b"ram") + be32(0) + be32(4), name(b"ram") + be32(0) + be32(3)), "RAM section version 3"),
+    (BASIC.replace(name(b"ram"), name(b"blk"), 1), "iterable section 'blk'"),
+    (BASIC.replace(b"\x07" + be32(10), b"\x07" + be32(1000), 1), "configuration"),
+])
+def test_malformed_streams(bad: bytes, message: str) -> None:
+    with pytest.raises(StreamFormatError, match=message) as e:
+        list(iter_segments(reader(bad)))
+    assert str(e.value).count(";") == 1 and str(e.value).endswith(".")  # one sentence: what, then what to do
+
+
+def test_page_beyond_its_block() -> None:
+    s = Synthetic().section(0x01).section(0x02).page(b"vga.vram", 4 << 20, page(1)).end()
+    with pytest.raises(StreamFormatError, match="invalid RAM record"):
+        list(iter_segments(reader(s.devices())))
+
+
+def test_continue_before_any_block() -> None:
+    s = Synthetic().section(0x01).section(0x02)
+    s.last = b"pc.ram"  # pretend a block was named: the record gets CONTINUE without one
+    s.page(b"pc.ram", 0, page(1)).end()
+    with pytest.raises(StreamFormatError, match="before naming one"):
+        list(iter_segments(reader(s.devices())))
+
+
+def test_every_truncation_of_a_synthetic_stream_is_refused() -> None:
+    data, _ = basic()
+    for cut in range(0, len(data), 97):
+        with pytest.raises(StreamFormatError):
+            list(iter_segments(reader(data[:cut], max_read=5000)))
+    assert rebuild(iter_segments(reader(data, max_read=1))) == data
+
+
+def test_empty_input() -> None:
+    with pytest.raises(StreamFormatError, match="ends early"):
+        list(iter_segments(reader(b"")))
+
+
+def test_parse_speed() -> None:
+    """About 1 GiB/s here; fail only when far off (shared CI machines are noisy)."""
+    s = Synthetic(blocks={b"pc.ram": 64 << 20}).section(0x01).section(0x02)
+    rnd = random.Random(1)
+    for i in range(8192):
+        s.page(b"pc.ram", i * PAGE_SIZE, rnd.randbytes(PAGE_SIZE) if i % 3 else None)
+    data = s.end().devices()
+    start = time.perf_counter()
+    n = sum(len(seg.pages) for seg in iter_segments(reader(data)))
+    rate = len(data) / (time.perf_counter() - start)
+    assert n == sum(1 for i in range(8192) if i % 3)
+    assert rate > 150e6, f"parsing ran at {rate / 1e6:.0f} MB/s"
+
+
+def test_reads_are_large() -> None:
+    data, _ = basic()
+    sizes: list[int] = []
+    inner = reader(data)
+
+    def read(n: int) -> bytes:
+        sizes.append(n)
+        return inner(n)
+
+    list(iter_segments(read))
+    assert min(sizes) >= 1 << 20
+
+
+def test_segment_pieces() -> None:
+    seg = Segment(b"abcdef", (0, 3, 3, 6), [b"1", b"2", b"3", b"4"])
+    assert b"".join(seg.pieces()) == b"1abc23def4"
