@@ -10,12 +10,11 @@ import logging
 import re
 import shlex
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .engine import DEMO_NAME, Engine
@@ -193,8 +192,14 @@ class Cli:
         self.out({"id": c.id, "pinned": not self.args.unpin}, f"{'Unpinned' if self.args.unpin else 'Pinned'} {c.id[:8]}.")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, not the whole usage text."""
+        self.exit(2, f"{self.prog}: {message}; see `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="session-manager", description="Your desktop in a QEMU VM that can never be lost.")
+    p = _Parser(prog="session-manager", description="Your desktop in a QEMU VM that can never be lost.")
     p.add_argument("--home", help=f"keep all data, state and sockets under DIR (or set {HOME_ENV})", metavar="DIR")
     p.add_argument("-v", "--verbose", action="store_true", help="also print the log")
     p.add_argument("--version", action="version", version=f"session-manager {__version__}")

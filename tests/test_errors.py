@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -81,7 +80,7 @@ def _interrupted_checkpoint(sm: Sm, guest: tuple[Path, Path], interrupt) -> tupl
 
 
 def test_ctrl_c_mid_checkpoint_keeps_the_guest_running(sm: Sm, guest: tuple[Path, Path]) -> None:
-    err, _ = _interrupted_checkpoint(sm, guest, lambda p: (time.sleep(0.2), p.send_signal(signal.SIGINT)))
+    err, _ = _interrupted_checkpoint(sm, guest, lambda p: p.send_signal(signal.SIGINT))
     assert "interrupted" in err
     serial = sm.serial("i")
     n = serial.counters()[-1]
@@ -91,8 +90,7 @@ def test_ctrl_c_mid_checkpoint_keeps_the_guest_running(sm: Sm, guest: tuple[Path
 
 def test_qemu_dying_mid_checkpoint_leaves_earlier_checkpoints_intact(sm: Sm, guest: tuple[Path, Path]) -> None:
     def kill_qemu(_: subprocess.Popen) -> None:
-        time.sleep(0.2)
-        os.kill(sm("status", "i", "--json").json()["pid"], signal.SIGKILL)
+        os.kill(int((sm.home / "run" / "i" / "qemu.pid").read_text()), signal.SIGKILL)
 
     err, first = _interrupted_checkpoint(sm, guest, kill_qemu)
     assert "QEMU" in err
@@ -105,18 +103,20 @@ def test_qemu_dying_mid_checkpoint_leaves_earlier_checkpoints_intact(sm: Sm, gue
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem to fill needs root")
 def test_disk_full_mid_checkpoint(sm: Sm, guest: tuple[Path, Path]) -> None:
-    sm.new_guest("full", guest, fill=64)
+    sm.new_guest("full", guest, fill=64, dirty=4, window=16)
     sm("start", "full")
     serial = sm.serial("full")
     serial.wait_for(r"^ready")
     repo = sm.home / "data" / "repository"
     repo.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48M", "tmpfs", str(repo)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256M", "tmpfs", str(repo)], check=True)
     try:
-        first = sm("checkpoint", "full", "--json").json()  # about 20 MB after compression of the pages
-        filler = repo / "filler"
-        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=64"], capture_output=True)
-        fails(sm("checkpoint", "full", check=False), "disk is full")
+        first = sm("checkpoint", "full", "--json").json()
+        free = os.statvfs(repo).f_bavail * os.statvfs(repo).f_frsize
+        filler = repo / "filler"  # leave 64 KiB: less than the next checkpoint's new pages
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64K", f"count={(free >> 16) - 1}"],
+                       capture_output=True, check=True)
+        fails(sm("checkpoint", "full", check=False), "full", "free space")
         assert sm("status", "full", "--json").json()["run_state"] == "running"
         filler.unlink()
         assert [c["id"] for c in sm("checkpoints", "full", "--json").json()] == [first["id"]]
