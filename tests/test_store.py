@@ -15,14 +15,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from test_stream import (  # noqa: F401
-    Synthetic,
-    fill_data,
-    needs_qemu,
-    qemu_streams,
-    reader,
-    record_stream,
-)
+from test_stream import Synthetic, fill_data, needs_qemu, reader, record_stream, recorded_streams
 
 from session_manager.errors import (
     CorruptionError,
@@ -132,6 +125,11 @@ def assert_consistent(repo: Repository, expected: dict[str, bytes]) -> None:
         assert stream_of(repo, ckpt_id) == data
 
 
+@pytest.fixture(scope="session")
+def qemu_streams(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return recorded_streams(tmp_path_factory)
+
+
 # -- round trips ------------------------------------------------------------------------------------------
 
 
@@ -175,7 +173,8 @@ def test_second_checkpoint_of_a_barely_changed_guest_adds_little(tmp_path: Path)
     differing = [s for s in iter_segments(reader(second)) if (s.data, s.page_offsets) not in old]
     changed_segments = [s for s in iter_segments(reader(second)) if any(p in s.pages for p in (
         bytes(fill[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in changed))]
-    bound = sum(len(s.data) + 40 * len(s.pages) + 20 for s in differing + changed_segments) + len(changed) * (PAGE_SIZE + 1)
+    segment_bytes = sum(len(s.data) + 40 * len(s.pages) + 20 for s in differing + changed_segments)
+    bound = segment_bytes + len(changed) * (PAGE_SIZE + 1)
     assert b.added_bytes <= bound
     assert b.added_bytes < a.added_bytes / 20
     assert b.parent == a.id
@@ -509,3 +508,20 @@ def test_ingest_is_not_slow(tmp_path: Path) -> None:
     start = time.perf_counter()
     ingest(repo, data)
     assert len(data) / (time.perf_counter() - start) > 30e6
+
+
+def test_blob_table() -> None:
+    from session_manager.store.index import PENDING, BlobTable
+
+    table = BlobTable()
+    keys = [random.Random(i).randbytes(32) for i in range(5000)]
+    assert table.claim(keys[:10] + keys[:3], 1, [4096] * 13) == [(i, i) for i in range(10)]
+    new = table.claim(keys, 1, [4096] * len(keys))  # grows through several rehashes
+    assert [i for i, _ in new] == list(range(10, 5000))
+    assert all(table.find(k) == i for i, k in enumerate(keys)) and table.find(bytes(32)) == -1
+    assert table.pack[7] == PENDING and table.key(7) == keys[7]
+    other = table.copy()
+    other.claim([bytes(32)], 2, [1])
+    assert len(other) == 5001 and len(table) == 5000 and table.find(bytes(32)) == -1
+    table.add_pack("ab" * 32, [(keys[0], 1, 0, 10, 4096), (bytes(31) + b"\1", 3, 10, 5, 7)])
+    assert table.pack[0] == PENDING and table.packs[table.pack[5000]] == "ab" * 32

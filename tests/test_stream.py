@@ -118,11 +118,16 @@ def _recorded(base: str) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="session")
-def qemu_streams(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def recorded_streams(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The recorded streams by name ("small-plain", "large-bg", ...), for session fixtures."""
     if QEMU is None:
         pytest.skip("qemu-system-x86_64 is not installed")
     return _recorded(str(tmp_path_factory.getbasetemp() / "qemu-streams"))
+
+
+@pytest.fixture(scope="session")
+def qemu_streams(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return recorded_streams(tmp_path_factory)
 
 
 def reader(data: bytes, max_read: int | None = None, seed: int = 0) -> Callable[[int], bytes]:

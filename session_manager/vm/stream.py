@@ -14,10 +14,11 @@ scripts/analyze-migration.py), for a background snapshot and for a plain precopy
 
 A page record is be64 (address | flags), then, unless flag CONTINUE says "same block as the
 record before", u8 length + the block's idstr; then one byte for ZERO, or the 4096-byte page
-for PAGE.  Measured on QEMU 7.2: a background snapshot sends every page in PART sections and
-never writes an END section for RAM; a plain migration of a stopped guest sends its pages in
-PART sections and an END that may carry the last dirty pages.  Device sections come after the
-last RAM section in both.
+for PAGE.  Measured on QEMU 7.2: a background snapshot sends every page once, in PART sections,
+and writes no END section for RAM; a plain migration of a stopped guest sends all pages in its
+first PART and an empty END; a plain migration of a running guest sends pages again in later
+PARTs as they are dirtied, and the last dirty pages in END.  The device sections come after
+the last RAM section in all three.
 
 Device state has no length prefix: only the VM description at the very end of the stream
 says where a device section ends, and the stream is read once from a pipe.  So everything from
@@ -87,7 +88,7 @@ def iter_segments(read: Callable[[int], bytes]) -> Iterator[Segment]:
     RAM uses only plain and zero pages.  Segments already yielded stay valid pieces of the
     stream, but the caller must drop them all when an error is raised.
     """
-    return _Splitter(read).run()
+    return _Splitter(read).segments()
 
 
 def _fail(what: str, todo: str = "take the checkpoint again with a supported QEMU (7.2 or newer)") -> StreamFormatError:
@@ -149,7 +150,7 @@ class _Splitter:
         return self.take(1)[0]
 
     def be32(self) -> int:
-        return _BE32.unpack(self.take(4))[0]
+        return int.from_bytes(self.take(4), "big")
 
     def peek(self) -> int | None:
         return self.buf[self.pos] if self.fill(1) else None
@@ -174,7 +175,7 @@ class _Splitter:
 
     # -- structure -----------------------------------------------------------------------
 
-    def run(self) -> Iterator[Segment]:
+    def segments(self) -> Iterator[Segment]:
         head = self.take(8)
         if head[:4] != MAGIC:
             raise _fail("does not start with QEMU's magic 'QEVM'", "it is not a QEMU migration stream")
@@ -189,7 +190,6 @@ class _Splitter:
             self.take(n)  # machine type
             self.config_subsections()
         while True:
-            start = self.pos
             kind = self.peek()
             if kind is None:
                 raise self.truncated()
@@ -205,7 +205,7 @@ class _Splitter:
                 if kind == COMMAND:
                     raise _fail("contains commands of postcopy, COLO or a return path",
                                 "migrate without the postcopy-ram, return-path and x-colo capabilities")
-                raise _fail(f"has an unexpected section type 0x{kind:02x} at byte {self.origin + start}",
+                raise _fail(f"has an unexpected section type 0x{kind:02x} at byte {self.origin + self.pos}",
                             "it is corrupt or from an unsupported QEMU: take the checkpoint again")
             seg = self.cut()
             if seg:

@@ -1,0 +1,226 @@
+"""Checkpoint benchmark: session-manager against QEMU's own ways, in one run, on the test guest.
+
+    .venv/bin/python benchmarks/checkpoint.py [--memory 1536] [--fill 1200] [--dirty 4] [--window 32] [--gap 10]
+
+Prints Markdown tables (paste them into docs/benchmarks.md):
+- guest pause and wall time of our live checkpoint vs HMP ``savevm``, QMP ``snapshot-save`` and a
+  plain ``migrate "exec:cat > FILE"`` with background-snapshot;
+- stored bytes of two checkpoints ``--gap`` seconds apart vs the raw stream and the qcow2 growth under savevm;
+- ingest throughput vs ``cat FILE > FILE2``; restore vs stock QEMU loading the raw file;
+- peak RSS of the checkpointing process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from session_manager.engine import Engine  # noqa: E402
+from session_manager.paths import Home  # noqa: E402
+from session_manager.store.repo import Repository  # noqa: E402
+from session_manager.testguest import build  # noqa: E402
+from session_manager.vm import disk as vdisk  # noqa: E402
+from session_manager.vm.machine import Machine, Sockets, launch, wait_exit  # noqa: E402
+from session_manager.vm.qemu import command_line, find_qemu  # noqa: E402
+from session_manager.vm.snapshot import active_layer, node_name  # noqa: E402
+from session_manager.vm.stream import iter_segments  # noqa: E402
+
+MiB = 1 << 20
+
+
+def cli(home: Path, *args: str) -> tuple[dict, float, int]:
+    """Run the CLI; return its JSON, wall seconds and peak RSS in bytes."""
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "session_manager.cli", "--home", str(home), *args, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    proc.stdout.close()
+    _, status, usage = os.wait4(proc.pid, 0)  # wait4, not wait: it reports this child's peak RSS
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"session-manager {' '.join(args)} failed; see {home}/state/session-manager.log")
+    return json.loads(out), time.monotonic() - start, usage.ru_maxrss * 1024
+
+
+def wait_serial(path: Path, pattern: str, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and re.search(pattern, path.read_text(errors="replace"), re.M):
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"the guest never printed {pattern!r}")
+
+
+async def wait_job(m: Machine, job: str) -> None:
+    while True:
+        jobs = {j["id"]: j for j in await m.run("query-jobs")}
+        if jobs[job]["status"] == "concluded":
+            if jobs[job].get("error"):
+                raise SystemExit(f"{job}: {jobs[job]['error']}")
+            await m.run("job-dismiss", {"id": job})
+            return
+        await asyncio.sleep(0.01)
+
+
+async def wait_migrated(m: Machine) -> dict:
+    while True:
+        info = await m.run("query-migrate")
+        if info.get("status") == "completed":
+            return info
+        if info.get("status") in ("failed", "cancelled"):
+            raise SystemExit(f"migration {info['status']}: {info.get('error-desc')}")
+        await asyncio.sleep(0.005)
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--memory", type=int, default=1536, help="guest MiB")
+    ap.add_argument("--fill", type=int, default=1200, help="MiB of random data in the guest")
+    ap.add_argument("--dirty", type=int, default=4, help="MiB/s the guest re-dirties")
+    ap.add_argument("--window", type=int, default=32, help="MiB window it re-dirties")
+    ap.add_argument("--gap", type=float, default=10, help="seconds between the two checkpoints")
+    a = ap.parse_args()
+    os.environ.setdefault("SESSION_MANAGER_ACCEL", "tcg")
+
+    work = Path(tempfile.mkdtemp(prefix="sm-bench-", dir=os.environ.get("BENCH_DIR")))
+    home_dir = work / "home"
+    engine = Engine(Home.locate(home_dir))
+    kernel, initrd = build(ROOT / ".cache" / "testguest")
+    append = f"console=ttyS0 quiet sm.fill={a.fill} sm.dirty={a.dirty} sm.window={a.window}"
+    engine.new_session("bench", kernel=kernel, initrd=initrd, append=append, memory_mib=a.memory, cpus=1,
+                       disk_size=1 << 30)
+    session = engine.session("bench")
+    asyncio.run(engine.start("bench"))
+    print(f"filling {a.fill} MiB in the guest...", file=sys.stderr)
+    wait_serial(session.serial_log, r"^ready")
+    wait_serial(session.serial_log, r"^counter 3")
+
+    c1, c1_wall, c1_rss = cli(home_dir, "checkpoint", "bench", "-m", "first")
+    time.sleep(a.gap)
+    c2, c2_wall, c2_rss = cli(home_dir, "checkpoint", "bench", "-m", "second")
+
+    raw = work / "raw.stream"
+    sockets = Sockets(session.runtime)
+
+    async def baselines() -> dict:
+        r: dict = {}
+        async with Machine.connect(sockets) as m:
+            await m.run("migrate-set-capabilities",
+                        {"capabilities": [{"capability": "background-snapshot", "state": True}]})
+            t = time.monotonic()
+            await m.run("migrate", {"uri": f"exec:cat > {raw}"})
+            info = await wait_migrated(m)
+            r["raw_wall"], r["raw_downtime"] = time.monotonic() - t, info.get("downtime", 0)
+            await m.run("migrate-set-capabilities",
+                        {"capabilities": [{"capability": "background-snapshot", "state": False}]})
+            top = session.layer_path(await active_layer(m))
+            before = allocated(top)
+            t = time.monotonic()
+            await m.run("human-monitor-command", {"command-line": "savevm bench-savevm"})
+            r["savevm_pause"], r["savevm_growth"] = time.monotonic() - t, allocated(top) - before
+            node = node_name(top.name)
+            t = time.monotonic()
+            await m.run("snapshot-save", {"job-id": "save", "tag": "bench-job", "vmstate": node, "devices": [node]})
+            await wait_job(m, "save")
+            r["job_pause"] = time.monotonic() - t
+        return r
+
+    b = asyncio.run(baselines())
+
+    # Ingest replay: the same raw stream into a fresh repository, vs copying it with cat.
+    t = time.monotonic()
+    subprocess.run(f"cat {raw} > {work / 'copy.stream'}", shell=True, check=True)
+    os.sync()
+    cat_s = time.monotonic() - t
+    (work / "copy.stream").unlink()
+    repo2 = Repository.open(work / "replay-repo", create=True)
+    t = time.monotonic()
+    with open(raw, "rb", buffering=0) as f, repo2.writer(session="replay") as w:
+        w.add_memory(iter_segments(f.read))
+        w.commit({"kind": "benchmark"})
+    os.sync()
+    ingest_s = time.monotonic() - t
+    raw_bytes = raw.stat().st_size
+
+    # Restore: ours (verify + new QEMU + regenerated stream) vs stock QEMU loading the raw file.
+    t = time.monotonic()
+    asyncio.run(engine.restore("bench", c2["id"], discard_current=True))
+    ours_restore = time.monotonic() - t
+    asyncio.run(engine.stop("bench", save=False))
+
+    async def raw_load() -> float:
+        rt = Sockets(work / "rawrun")
+        rt.runtime.mkdir(mode=0o700)
+        top = work / "raw-top.qcow2"
+        vdisk.create_overlay(top, session.layer_path(c2["meta"]["disk_layer"]), "qcow2", 1 << 30)
+        argv = command_line(find_qemu(), session.load_config(), accel=os.environ["SESSION_MANAGER_ACCEL"],
+                            top_layer=top, sockets=rt, serial_log=work / "raw-serial.log")
+        argv[argv.index("-vnc") + 1] = f"unix:{rt.vnc}"
+        t0 = time.monotonic()
+        launch(argv + ["-incoming", f"exec:cat {raw}"], rt, work / "raw-qemu.log")
+        async with Machine.connect(rt) as m:
+            await wait_migrated(m)
+            elapsed = time.monotonic() - t0
+            pid = rt.pid()
+            await m.quit()
+            await wait_exit(pid)
+        return elapsed
+
+    raw_restore = asyncio.run(raw_load())
+
+    engine_repo = engine.repo
+    regen_t = time.monotonic()
+    regen = sum(len(c) for c in engine_repo.memory_stream(engine_repo.get(c2["id"])))
+    regen_s = time.monotonic() - regen_t
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    print(f"\nMachine: {cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') >> 30} GiB, "
+          f"Linux {platform.release()}, QEMU {find_qemu().version_text}, accelerator "
+          f"{os.environ['SESSION_MANAGER_ACCEL']}, Python {platform.python_version()}.")
+    print(f"Guest: {a.memory} MiB RAM, {a.fill} MiB random-filled, re-dirtying {a.dirty} MiB/s in a {a.window} MiB "
+          f"window; checkpoints {a.gap:.0f} s apart.\n")
+    print("| what | session-manager | QEMU baseline | ratio |")
+    print("|---|---|---|---|")
+    m1, m2 = c1["meta"], c2["meta"]
+    print(f"| guest pause, 1st checkpoint | {m1['pause_ms']:.1f} ms (QEMU downtime {m1['downtime_ms']:.0f} ms "
+          f"+ held {m1['held_ms']:.1f} ms) | savevm {b['savevm_pause'] * 1000:.0f} ms; snapshot-save "
+          f"{b['job_pause'] * 1000:.0f} ms | {m1['pause_ms'] / (b['savevm_pause'] * 1000):.4f}× savevm |")
+    print(f"| guest pause, 2nd checkpoint | {m2['pause_ms']:.1f} ms | | |")
+    print(f"| checkpoint wall time (1st, in-process) | {m1['wall_s']:.2f} s | migrate exec:cat > file "
+          f"{b['raw_wall']:.2f} s | {m1['wall_s'] / b['raw_wall']:.2f}× |")
+    print(f"| checkpoint wall time (2nd, in-process) | {m2['wall_s']:.2f} s | | {m2['wall_s'] / b['raw_wall']:.2f}× |")
+    print(f"| checkpoint command, end to end (1st / 2nd) | {c1_wall:.2f} s / {c2_wall:.2f} s | | |")
+    print(f"| stored bytes, 1st checkpoint | {c1['added_bytes'] / MiB:.1f} MiB | raw stream {raw_bytes / MiB:.1f} MiB;"
+          f" savevm qcow2 growth {b['savevm_growth'] / MiB:.1f} MiB | {c1['added_bytes'] / raw_bytes:.2f}× raw |")
+    dirtied = min(a.dirty * a.gap, a.window)
+    print(f"| stored bytes, 2nd checkpoint | {c2['added_bytes'] / MiB:.1f} MiB | at most {dirtied:.0f} MiB of pages "
+          f"dirtied | {c2['added_bytes'] / MiB / dirtied:.2f}× dirtied |")
+    print(f"| ingest of the raw stream (replay) | {raw_bytes / ingest_s / MiB:.0f} MiB/s | cat > file "
+          f"{raw_bytes / cat_s / MiB:.0f} MiB/s | {cat_s / ingest_s:.2f}× |")
+    print(f"| restore (verify, start QEMU, load, run) | {ours_restore:.2f} s | stock QEMU -incoming exec:cat file "
+          f"{raw_restore:.2f} s | {ours_restore / raw_restore:.2f}× |")
+    print(f"| regenerate the stream from the repository | {regen / regen_s / MiB:.0f} MiB/s | | |")
+    print(f"| peak RSS of the checkpoint command (1st / 2nd) | {c1_rss / MiB:.0f} / {c2_rss / MiB:.0f} MiB | | |")
+    subprocess.run(["rm", "-rf", str(work)])
+
+
+if __name__ == "__main__":
+    main()

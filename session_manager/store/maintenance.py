@@ -1,0 +1,381 @@
+"""check, forget, prune and du of a repository (see repo.py for the layout and prune's order)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CorruptionError, NotFoundError, UsageError
+from .codec import (
+    blob_id,
+    count_entries,
+    decode,
+    decode_map,
+    decode_pack_header,
+    decode_segment,
+    encode,
+    encode_index,
+    encode_pack_header,
+    iter_entries,
+)
+from .index import BlobTable
+from .writer import Packer
+
+if TYPE_CHECKING:
+    from .repo import CheckpointInfo, Repository
+
+REPACK_BELOW = 0.5  # prune rewrites packs whose live share of bytes is below this
+PRUNE_LOCK_WAIT = 10.0  # seconds prune waits for writers and readers to finish
+
+
+@dataclass
+class CheckReport:
+    errors: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)  # ids of checkpoints that cannot be restored
+    checkpoints: int = 0
+    packs: int = 0
+    blobs: int = 0
+    read_bytes: int = 0
+    unused_packs: int = 0  # packs no index lists: garbage for prune, not an error
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+    def summary(self) -> str:
+        head = (f"Checked {self.checkpoints} checkpoints, {self.packs} packs, {self.blobs} blobs"
+                + (f", read {self.read_bytes / 2**20:.1f} MiB" if self.read_bytes else "") + ": ")
+        if self.ok:
+            unused = f" ({self.unused_packs} unused packs for prune)" if self.unused_packs else ""
+            return f"{head}no errors{unused}."
+        damaged = ", ".join(c[:8] for c in self.damaged) or "none"
+        return "\n".join([head + f"{len(self.errors)} errors; damaged checkpoints: {damaged}."]
+                         + [f"  {e}" for e in self.errors])
+
+
+@dataclass
+class PruneStats:
+    packs_deleted: int = 0
+    packs_repacked: int = 0
+    packs_written: int = 0
+    blobs_removed: int = 0
+    bytes_freed: int = 0
+    bytes_kept: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"Freed {self.bytes_freed / 2**20:.1f} MiB: deleted {self.packs_deleted} packs, repacked "
+                f"{self.packs_repacked} into {self.packs_written}, removed {self.blobs_removed} blobs; "
+                f"{self.bytes_kept / 2**20:.1f} MiB in use.")
+
+
+@dataclass
+class DuStats:
+    checkpoints: int = 0
+    logical_bytes: int = 0  # memory streams plus non-zero disk chunks, summed over the checkpoints
+    unique_bytes: int = 0  # raw size of the distinct blobs they use
+    stored_bytes: int = 0  # compressed size of those blobs in the packs
+    repository_bytes: int = 0  # every pack, with the garbage prune has not removed yet
+    added: dict[str, int] = field(default_factory=dict)  # checkpoint id -> bytes it added when written
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.logical_bytes / self.unique_bytes if self.unique_bytes else 1.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.unique_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "dedup_ratio": self.dedup_ratio, "compression_ratio": self.compression_ratio}
+
+    def summary(self) -> str:
+        return (f"{self.checkpoints} checkpoints: {self.logical_bytes / 2**20:.1f} MiB of state stored in "
+                f"{self.stored_bytes / 2**20:.1f} MiB (deduplication {self.dedup_ratio:.1f}x, compression "
+                f"{self.compression_ratio:.2f}x); the repository holds {self.repository_bytes / 2**20:.1f} MiB.")
+
+
+class Walker:
+    """Marks the blobs checkpoints use (by table position) and collects what is missing.
+
+    A segment or map that several checkpoints share is read once; its problems are remembered.
+    """
+
+    def __init__(self, repo: Repository, table: BlobTable, bad: dict[int, str] | None = None) -> None:
+        self.repo = repo
+        self.table = table
+        self.used = bytearray(len(table))
+        self.bad = bad or {}  # position -> why the blob is unusable (found by check)
+        self._problems: dict[int, list[str]] = {}  # segment or map position -> problems below it
+
+    def walk(self, info: CheckpointInfo) -> list[str]:
+        """Mark everything ``info`` needs; returns its problems (none when it is complete)."""
+        m = info.manifest
+        what = f"checkpoint {info.id[:8]}"
+        problems: list[str] = []
+        for key in self.repo._segments(info):
+            problems += self._container(key, "memory segment", what,
+                                        lambda plain: decode_segment(plain, f"A memory segment of {what}")[2])
+        for _, h in (m["disk"] or {}).get("maps", []):
+            problems += self._container(bytes.fromhex(h), "disk map", what,
+                                        lambda plain: [k for _, k in decode_map(plain, f"A disk map of {what}")])
+        if m["thumbnail"]:
+            problems += self._mark([bytes.fromhex(m["thumbnail"])], "thumbnail", what)
+        return problems
+
+    def _container(self, key: bytes, kind: str, what: str, children: Callable[[bytes], list[bytes]]) -> list[str]:
+        pos = self.table.find(key)
+        if 0 <= pos < len(self.used) and self.used[pos]:
+            return self._problems.get(pos, [])
+        problems = self._mark([key], kind, what)
+        if not problems:
+            try:
+                problems = self._mark(children(self.repo._fetch(self.table, [key], what)[0]), f"{kind} part", what)
+            except CorruptionError as e:
+                problems = [str(e)]
+        if pos >= 0 and problems:
+            self._problems[pos] = problems
+        return problems
+
+    def _mark(self, keys: Iterable[bytes], kind: str, what: str) -> list[str]:
+        problems = []
+        find, used, bad = self.table.find, self.used, self.bad
+        for key in keys:
+            pos = find(key)
+            if pos < 0:
+                problems.append(f"A {kind} blob ({key.hex()[:12]}) of {what} is missing from the repository.")
+                continue
+            if pos >= len(used):  # added to the table since the walk began
+                used.extend(bytes(len(self.table) - len(used)))
+            used[pos] = 1
+            if pos in bad:
+                problems.append(f"A {kind} blob ({key.hex()[:12]}) of {what} is damaged: {bad[pos]}.")
+        return problems
+
+
+def check(repo: Repository, read_data: bool) -> CheckReport:
+    report = CheckReport()
+    with repo._lock(False, "check"):
+        table = BlobTable()
+        for name in sorted(repo.backend.list("index/")):
+            try:
+                for pack_id, entries in repo._load_index(name):
+                    table.add_pack(pack_id.hex(), iter_entries(entries))
+            except (CorruptionError, NotFoundError) as e:
+                report.errors.append(str(e))
+        on_disk = {n.rpartition("/")[2]: n for n in repo.backend.list("data/")}
+        report.unused_packs = len(set(on_disk) - set(table.pack_numbers))
+        by_pack: dict[int, list[int]] = {}
+        for pos in range(len(table)):
+            by_pack.setdefault(table.pack[pos], []).append(pos)
+        bad: dict[int, str] = {}
+        for number, positions in by_pack.items():
+            pack = table.packs[number]
+            _check_pack(repo, table, pack, on_disk.get(pack), positions, read_data, bad, report)
+        report.packs, report.blobs = len(by_pack), len(table)
+        walker = Walker(repo, table, bad)
+        for info in repo.checkpoints():
+            report.checkpoints += 1
+            problems = walker.walk(info)
+            if problems:
+                report.damaged.append(info.id)
+                more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+                report.errors.append(problems[0].rstrip(".") + more + ".")
+    return report
+
+
+def _check_pack(repo: Repository, table: BlobTable, pack: str, name: str | None, positions: list[int],
+                read_data: bool, bad: dict[int, str], report: CheckReport) -> None:
+    """Compare a pack's header with the index (with read_data, every blob with its hash); damage goes into bad."""
+    def fail(why: str) -> None:
+        report.errors.append(f"Pack {pack[:12]} {why}.")
+        for pos in positions:
+            bad.setdefault(pos, f"pack {pack[:12]} {why}")
+
+    if name is None:
+        return fail("is listed in the index but missing")
+    data = None
+    try:
+        size = repo.backend.stat(name)
+        if read_data:
+            tail = data = repo.backend.load(name)
+            report.read_bytes += size
+        else:
+            hlen = int.from_bytes(repo.backend.load(name, max(0, size - 4), 4), "little")
+            tail = repo.backend.load(name, max(0, size - 4 - hlen), min(size, hlen + 4))
+        entries = decode_pack_header(tail, f"Pack {pack[:12]}")
+    except (CorruptionError, NotFoundError):
+        return fail("cannot be read or has no valid header")
+    header = {key: (offset, length, type_, raw) for key, type_, offset, length, raw in entries}
+    if max((o + n for _, _, o, n, _ in entries), default=0) + len(encode_pack_header(entries)) != size:
+        return fail("does not have the size its header implies")
+    damaged = 0
+    for pos in positions:
+        key, offset, length = table.key(pos), table.offset[pos], table.length[pos]
+        if header.get(key) != (offset, length, table.type[pos], table.raw[pos]):
+            bad[pos] = f"pack {pack[:12]} does not hold it where the index says"
+        elif data is not None:
+            try:
+                if blob_id(decode(data[offset:offset + length], table.raw[pos], "A blob")) != key:
+                    raise CorruptionError("hash mismatch")
+            except CorruptionError:
+                bad[pos] = f"its copy in pack {pack[:12]} does not match its hash"
+        damaged += pos in bad
+    if damaged:
+        report.errors.append(f"Pack {pack[:12]} holds {damaged} damaged blobs.")
+    elif data is not None and blob_id(data).hex() != pack:
+        report.errors.append(f"Pack {pack[:12]} does not match its hash, though every blob in it does.")
+    return None
+
+
+def forget(repo: Repository, session: str, keep_last: int | None, rules: dict[str, int | None],
+           keep_within: timedelta | None, keep_manual: bool) -> list[CheckpointInfo]:
+    """``rules``: strftime bucket format -> how many of the newest buckets keep their newest checkpoint."""
+    if not keep_last and not keep_within and not any(rules.values()):
+        raise UsageError("Forget needs at least one rule (keep-last, keep-hourly, keep-daily, keep-weekly, "
+                         "keep-monthly or keep-within); nothing was forgotten.")
+    newest_first = repo.checkpoints(session)[::-1]
+    keep = {c.id for c in newest_first[:keep_last or 0]}
+    keep |= {c.id for c in newest_first if c.pinned or (keep_manual and c.meta.get("kind") == "manual")}
+    if keep_within and newest_first:
+        keep |= {c.id for c in newest_first if c.created_at >= newest_first[0].created_at - keep_within}
+    for fmt, count in rules.items():
+        buckets: set[str] = set()
+        for c in newest_first:
+            if len(buckets) >= (count or 0):
+                break
+            bucket = c.created_at.astimezone().strftime(fmt)
+            if bucket not in buckets:
+                buckets.add(bucket)
+                keep.add(c.id)
+    removed = [c for c in newest_first[::-1] if c.id not in keep]
+    for c in removed:
+        repo.delete_checkpoint(c)
+    return removed
+
+
+def prune(repo: Repository) -> PruneStats:
+    stats = PruneStats()
+    backend = repo.backend
+    with repo._lock(True, "prune", wait=PRUNE_LOCK_WAIT):
+        old_indexes = sorted(backend.list("index/"))
+        table = BlobTable()
+        indexed: dict[str, memoryview] = {}  # pack id -> its encoded index entries
+        for name in old_indexes:
+            for raw_id, entries in repo._load_index(name):
+                indexed.setdefault(raw_id.hex(), entries)
+                table.add_pack(raw_id.hex(), iter_entries(entries))
+        walker = Walker(repo, table)
+        infos = repo.checkpoints()
+        for info in infos:
+            problems = walker.walk(info)
+            if problems:
+                raise CorruptionError(f"Prune stopped without changing anything because checkpoint {info.id[:8]} "
+                                      f"is damaged ({problems[0].rstrip('.')}); run `session-manager check`.")
+        on_disk = {n.rpartition("/")[2]: n for n in backend.list("data/")}
+
+        def live(pack: str) -> Iterable[tuple[int, bytes, int, int, int]]:
+            """(position, id, offset, length, raw length) of the pack's blobs that are used from it."""
+            number = table.pack_numbers[pack]
+            for key, _, offset, length, raw in iter_entries(indexed[pack]):
+                pos = table.find(key)
+                if walker.used[pos] and table.pack[pos] == number and table.offset[pos] == offset:
+                    yield pos, key, offset, length, raw
+
+        share = {p: sum(e[3] for e in live(p)) / max(1, sum(e[3] for e in iter_entries(v))) for p, v in indexed.items()}
+        for pack in indexed:
+            if share[pack] and pack not in on_disk:
+                raise CorruptionError(f"Prune stopped without changing anything because pack {pack[:12]} is "
+                                      "missing; run `session-manager check`.")
+        keep = [p for p in indexed if p in on_disk and share[p] >= REPACK_BELOW]
+        repack = [p for p in indexed if p in on_disk and 0 < share[p] < REPACK_BELOW]
+        # 1. the live blobs of mostly dead packs go into new packs
+        packer = Packer(backend, table)
+        copied = 0
+        try:
+            for pack in repack:
+                data = memoryview(backend.load(on_disk[pack]))
+                for pos, key, offset, length, raw in live(pack):
+                    stored = bytes(data[offset:offset + length])
+                    if blob_id(decode(stored, raw, f"A blob in pack {pack[:12]}")) != key:
+                        raise CorruptionError(f"Prune stopped because a blob in pack {pack[:12]} does not match "
+                                              "its hash; run `session-manager check --read-data`.")
+                    packer.add([(pos, stored)])
+                    copied += 1
+            packer.finish()
+        except BaseException:
+            packer.abort()
+            raise
+        # 2. one index for everything that stays
+        packs = [(bytes.fromhex(p), count_entries(indexed[p]), iter_entries(indexed[p])) for p in keep]
+        packs += packer.index_entries()
+        new_index = ""
+        if packs:
+            plain = encode_index(packs)
+            new_index = f"index/{blob_id(plain).hex()}"
+            backend.save(new_index, encode(plain))
+        # 3. the old index files
+        for name in old_indexes:
+            if name != new_index:
+                backend.delete(name)
+        # 4. the packs no index lists any more
+        kept = set(keep) | {n.rpartition("/")[2] for n in packer.written}
+        for pack, name in on_disk.items():
+            if pack not in kept:
+                stats.bytes_freed += backend.stat(name)
+                backend.delete(name)
+                stats.packs_repacked += pack in repack
+                stats.packs_deleted += pack not in repack
+                stats.blobs_removed += count_entries(indexed[pack]) if pack in indexed else 0
+        written = sum(backend.stat(n) for n in packer.written)
+        stats.packs_written = len(packer.written)
+        stats.blobs_removed -= copied
+        stats.bytes_freed -= written
+        stats.bytes_kept = sum(backend.stat(on_disk[p]) for p in keep) + written
+        # 5. annotations of deleted checkpoints and superseded ones, temporary files
+        live_ids = {i.id for i in infos}
+        latest: dict[str, tuple[int, str]] = {}
+        for name in backend.list("annotations/"):
+            ckpt_id, _, n = name.removeprefix("annotations/").rpartition("-")
+            if ckpt_id not in live_ids or not n.isdigit():
+                backend.delete(name)
+            elif ckpt_id not in latest or int(n) > latest[ckpt_id][0]:
+                if ckpt_id in latest:
+                    backend.delete(latest[ckpt_id][1])
+                latest[ckpt_id] = (int(n), name)
+            else:
+                backend.delete(name)
+        backend.remove_temporaries()
+    return stats
+
+
+def du(repo: Repository, session: str | None) -> DuStats:
+    stats = DuStats()
+    with repo._lock(False, "du"):
+        table = repo._index()
+        walker = Walker(repo, table)
+        map_sizes: dict[str, int] = {}  # a map shared by several checkpoints is read once
+        for info in repo.checkpoints(session):
+            walker.walk(info)
+            stats.checkpoints += 1
+            stats.added[info.id] = info.added_bytes
+            stats.logical_bytes += info.stream_bytes
+            for _, h in (info.manifest["disk"] or {}).get("maps", []):
+                if h not in map_sizes:
+                    what = f"A disk map of checkpoint {info.id[:8]}"
+                    keys = [k for _, k in decode_map(repo._fetch(table, [bytes.fromhex(h)], what)[0], what)]
+                    map_sizes[h] = sum(table.raw[pos] for pos in map(table.find, keys) if pos >= 0)
+                stats.logical_bytes += map_sizes[h]
+        for pos, used in enumerate(walker.used):
+            if used:
+                stats.unique_bytes += table.raw[pos]
+                stats.stored_bytes += table.length[pos]
+        stats.repository_bytes = sum(repo.backend.stat(n) for n in repo.backend.list("data/"))
+    return stats

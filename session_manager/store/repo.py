@@ -1,0 +1,403 @@
+"""The checkpoint repository: content-addressed, deduplicated and crash-safe, after restic's design.
+
+Layout (names in the backend; byte formats in codec.py)::
+
+    config                      JSON: repository format version and id, written once at creation
+    data/<2 hex>/<pack id>      packs: compressed blobs (pages, segments, disk chunks, disk maps, thumbnails)
+    index/<id>                  which blobs the packs of one writer run (or one prune) hold
+    checkpoints/<ckpt id>       manifests (JSON envelopes): a checkpoint exists exactly when its manifest does
+    annotations/<ckpt id>-<n>   user annotations (note, pinned) of a checkpoint: the highest n wins
+    locks/<id>                  lock.py: shared for writers and readers, exclusive for prune
+
+Every object is written once, atomically, and never changed; only prune, forget and
+delete_checkpoint remove objects.
+
+Write order of a checkpoint: packs -> index file -> manifest.  When the manifest appears,
+every blob it needs is in a pack that an index file lists, so a crash (kill -9) at any point
+leaves a consistent repository; what a dead writer left (packs no index lists, an index no
+manifest uses) is garbage that prune removes.
+
+Prune order (exclusive lock): 1. write new packs with the live blobs of packs that are mostly
+garbage; 2. write one index file listing every kept and new pack; 3. delete the old index
+files; 4. delete packs no index lists any more; 5. delete annotations of deleted checkpoints
+and temporary files.  After a crash between any two steps every manifest's blobs are still
+indexed and present; the next prune finishes the job.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import CorruptionError, NotFoundError, RepositoryError
+from . import maintenance
+from .backend import AlreadyExistsError, Backend, LocalBackend
+from .codec import blob_id, decode, decode_index, decode_map, decode_segment, encode, iter_entries
+from .index import PENDING, BlobTable
+from .lock import Lock
+from .maintenance import CheckReport, DuStats, PruneStats
+from .writer import FORMAT_VERSION, MemoryStats, Writer
+
+__all__ = ["CheckReport", "CheckpointInfo", "DuStats", "MemoryStats", "PruneStats", "Repository", "Writer"]
+
+STREAM_CHUNK = 1 << 20  # memory_stream yields about this much at a time
+READ_GAP = 256 << 10  # blobs this close in a pack are read in one go
+READ_MAX = 8 << 20
+LOCK_WAIT = 30.0  # seconds a writer or reader waits for a prune to finish
+
+
+@dataclass
+class CheckpointInfo:
+    id: str
+    session: str
+    parent: str | None
+    created: str  # ISO 8601, UTC
+    meta: dict[str, Any]  # the writer's meta with the latest annotation (note, pinned) merged in
+    added_bytes: int
+    stream_bytes: int
+    disk_size: int | None
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def note(self) -> str:
+        return str(self.meta.get("note") or "")
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.meta.get("pinned"))
+
+    @property
+    def created_at(self) -> datetime:
+        return datetime.fromisoformat(self.created)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "session": self.session, "parent": self.parent, "created": self.created,
+                "note": self.note, "pinned": self.pinned, "added_bytes": self.added_bytes,
+                "stream_bytes": self.stream_bytes, "disk_size": self.disk_size, "meta": self.meta}
+
+
+class Repository:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._table = BlobTable()
+        self._index_names: set[str] = set()
+        self._index_lock = threading.Lock()
+        self._manifests: dict[str, dict[str, Any]] = {}
+        self._annotations: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def open(cls, path: str | Path, create: bool = False) -> Repository:
+        root = Path(path)
+        if not (root / "config").exists() and not create:
+            raise NotFoundError(f"No checkpoint repository exists at {root}; create one by taking a checkpoint.")
+        backend = LocalBackend(root)
+        if not (root / "config").exists():
+            for sub in ("index", "checkpoints", "annotations", "locks", *(f"data/{i:02x}" for i in range(256))):
+                (root / sub).mkdir(parents=True, exist_ok=True)
+            config = {"version": FORMAT_VERSION, "id": secrets.token_hex(16),
+                      "created": datetime.now(timezone.utc).isoformat()}
+            try:
+                backend.save("config", json.dumps(config).encode())
+            except AlreadyExistsError:
+                pass  # another process created it at the same moment
+        try:
+            config = json.loads(backend.load("config"))
+            version = config["version"]
+        except (ValueError, KeyError, TypeError):
+            raise CorruptionError(f"The repository configuration {root / 'config'} is damaged; "
+                                  "restore it from a backup of the repository.") from None
+        if version != FORMAT_VERSION:
+            raise RepositoryError(f"The repository at {root} has format {version}, which this version of "
+                                  "session-manager cannot use; upgrade session-manager.")
+        return cls(backend)
+
+    def _lock(self, exclusive: bool, purpose: str, wait: float = LOCK_WAIT) -> Lock:
+        return Lock(self.backend, exclusive, purpose, wait)
+
+    def writer(self, session: str, parent: str | None = None, ckpt_id: str | None = None) -> Writer:
+        return Writer(self, session, parent, ckpt_id)
+
+    # -- index -----------------------------------------------------------------------------------
+
+    def _index(self, copy: bool = False) -> BlobTable:
+        """The blob index, brought up to date with the index files now in the repository.
+
+        Other threads may add to the returned table; ``copy`` gives one of the caller's own.
+        """
+        with self._index_lock:
+            names = set(self.backend.list("index/"))
+            if not names >= self._index_names:  # prune replaced index files: start over
+                self._table, self._index_names = BlobTable(), set()
+            for name in sorted(names - self._index_names):
+                for pack_id, entries in self._load_index(name):
+                    self._table.add_pack(pack_id.hex(), iter_entries(entries))
+                self._index_names.add(name)
+            return self._table.copy() if copy else self._table
+
+    def _load_index(self, name: str) -> list[tuple[bytes, memoryview]]:
+        return decode_index(decode(self.backend.load(name), None, f"index file {name}"), f"index file {name}")
+
+    def _fetch(self, table: BlobTable, keys: Sequence[bytes], what: str, verify: bool = False) -> list[bytes]:
+        """The plaintexts of blobs, reading neighbours in one go; CorruptionError naming ``what``."""
+        positions = []
+        for key in keys:
+            pos = table.find(key)
+            if pos < 0 or table.pack[pos] == PENDING:
+                raise CorruptionError(f"A blob ({key.hex()[:12]}) of {what} is missing from the repository; "
+                                      "run `session-manager check`.")
+            positions.append(pos)
+        out: list[bytes] = []
+        packs, offset, length = table.pack, table.offset, table.length
+        i = 0
+        while i < len(positions):
+            p = positions[i]
+            pack, start = packs[p], offset[p]
+            stop = start + length[p]
+            j = i + 1
+            while j < len(positions):
+                q = positions[j]
+                near = start <= offset[q] <= stop + READ_GAP and offset[q] + length[q] - start <= READ_MAX
+                if packs[q] != pack or not near:
+                    break
+                stop = max(stop, offset[q] + length[q])
+                j += 1
+            name = f"data/{table.packs[pack][:2]}/{table.packs[pack]}"
+            try:
+                buf = memoryview(self.backend.load(name, start, stop - start))
+            except (NotFoundError, CorruptionError):
+                raise CorruptionError(f"The pack {table.packs[pack][:12]} holding data of {what} is missing or "
+                                      "truncated; run `session-manager check`.") from None
+            for q in positions[i:j]:
+                at = offset[q] - start
+                plain = decode(buf[at:at + length[q]], table.raw[q], f"A blob of {what}")
+                if verify and blob_id(plain) != table.key(q):
+                    raise CorruptionError(f"A blob ({table.key(q).hex()[:12]}) of {what} does not match its hash; "
+                                          "run `session-manager check --read-data`.")
+                out.append(plain)
+            i = j
+        return out
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _read_manifest(self, ckpt_id: str) -> dict[str, Any]:
+        try:
+            data = self.backend.load(f"checkpoints/{ckpt_id}")
+        except NotFoundError:
+            raise NotFoundError(f"Checkpoint {ckpt_id} does not exist; list them with "
+                                "`session-manager checkpoints SESSION`.") from None
+        try:
+            m: dict[str, Any] = json.loads(decode(data, None, f"The manifest of checkpoint {ckpt_id[:8]}"))
+            if m["id"] != ckpt_id:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise CorruptionError(f"The manifest of checkpoint {ckpt_id[:8]} is damaged; "
+                                  "run `session-manager check`.") from None
+        return m
+
+    def _manifest(self, ckpt_id: str) -> dict[str, Any]:
+        """A manifest, cached without its list of segments (50 KiB for a 1.5 GiB guest): see _segments."""
+        m = self._manifests.get(ckpt_id)
+        if m is None:
+            m = self._manifests[ckpt_id] = _without_segments(self._read_manifest(ckpt_id))
+        return m
+
+    def _segments(self, info: CheckpointInfo) -> list[bytes]:
+        """The ids of the checkpoint's memory segments, in stream order."""
+        memory = self._read_manifest(info.id)["memory"]
+        return [bytes.fromhex(h) for h in memory["segments"]] if memory else []
+
+    def _latest_annotations(self) -> dict[str, dict[str, Any]]:
+        latest: dict[str, tuple[int, str]] = {}
+        for name in self.backend.list("annotations/"):
+            ckpt_id, _, n = name.removeprefix("annotations/").rpartition("-")
+            if n.isdigit() and (ckpt_id not in latest or int(n) > latest[ckpt_id][0]):
+                latest[ckpt_id] = (int(n), name)
+        out = {}
+        for ckpt_id, (_, name) in latest.items():
+            if name not in self._annotations:
+                try:
+                    self._annotations[name] = json.loads(decode(self.backend.load(name), None, name))
+                except (NotFoundError, ValueError, CorruptionError):
+                    continue
+            out[ckpt_id] = self._annotations[name]
+        return out
+
+    def _info(self, m: dict[str, Any], annotation: dict[str, Any]) -> CheckpointInfo:
+        m = _without_segments(m)
+        return CheckpointInfo(
+            id=m["id"], session=m["session"], parent=m["parent"], created=m["created"],
+            meta={**m["meta"], **annotation}, added_bytes=m["added_bytes"],
+            stream_bytes=(m["memory"] or {}).get("stream_bytes", 0),
+            disk_size=(m["disk"] or {}).get("size"), manifest=m)
+
+    def checkpoints(self, session: str | None = None) -> list[CheckpointInfo]:
+        """All checkpoints (of ``session``), oldest first, with their annotations."""
+        annotations = self._latest_annotations()
+        infos = []
+        for name in self.backend.list("checkpoints/"):
+            ckpt_id = name.removeprefix("checkpoints/")
+            try:
+                m = self._manifest(ckpt_id)
+            except NotFoundError:  # deleted meanwhile
+                continue
+            if session is None or m["session"] == session:
+                infos.append(self._info(m, annotations.get(ckpt_id, {})))
+        infos.sort(key=lambda c: (c.created_at, c.id))
+        return infos
+
+    def get(self, ref: str) -> CheckpointInfo:
+        """The checkpoint with this id or unique id prefix."""
+        valid = re.fullmatch(r"[0-9a-f]{1,32}", ref) is not None
+        matches = [n.removeprefix("checkpoints/") for n in self.backend.list(f"checkpoints/{ref}")] if valid else []
+        if not matches:
+            raise NotFoundError(f"Checkpoint {ref} does not exist; "
+                                "list them with `session-manager checkpoints SESSION`.")
+        if len(matches) > 1:
+            raise NotFoundError(f"Checkpoint {ref} is ambiguous ({len(matches)} checkpoints start with it); "
+                                "give more of its id.")
+        return self._info(self._manifest(matches[0]), self._latest_annotations().get(matches[0], {}))
+
+    def _resolve(self, ckpt: CheckpointInfo | str) -> CheckpointInfo:
+        return ckpt if isinstance(ckpt, CheckpointInfo) else self.get(ckpt)
+
+    def annotate(self, ckpt: CheckpointInfo | str, *, note: str | None = None,
+                 pinned: bool | None = None) -> CheckpointInfo:
+        """Change a checkpoint's note or pin: a new annotation object, the manifest stays as it is."""
+        info = self._resolve(ckpt)
+        prefix = f"annotations/{info.id}-"
+        numbers = [int(n.removeprefix(prefix)) for n in self.backend.list(prefix) if n.removeprefix(prefix).isdigit()]
+        current = self._latest_annotations().get(info.id, {})
+        update = {k: v for k, v in (("note", note), ("pinned", pinned)) if v is not None}
+        data = encode(json.dumps({**current, **update}).encode())
+        n = max(numbers, default=0) + 1
+        while True:
+            try:
+                self.backend.save(f"{prefix}{n}", data)
+                break
+            except AlreadyExistsError:  # someone annotated at the same moment; ours comes after
+                n += 1
+        return self.get(info.id)
+
+    def delete_checkpoint(self, ckpt: CheckpointInfo | str) -> None:
+        """Remove the manifest only; prune reclaims the space."""
+        ckpt_id = ckpt.id if isinstance(ckpt, CheckpointInfo) else self.get(ckpt).id
+        self.backend.delete(f"checkpoints/{ckpt_id}")
+        self._manifests.pop(ckpt_id, None)
+
+    # -- reading a checkpoint ----------------------------------------------------------------------
+
+    def verify(self, ckpt: CheckpointInfo | str) -> None:
+        """Read every blob the checkpoint needs and check its hash; CorruptionError naming it otherwise."""
+        info = self._resolve(ckpt)
+        what = f"checkpoint {info.id[:8]}"
+        m = info.manifest
+        with self._lock(False, f"verifying {what}"):
+            table = self._index()
+            segments = self._segments(info)
+            for start in range(0, len(segments), 64):
+                for plain in self._fetch(table, segments[start:start + 64], what, verify=True):
+                    self._fetch(table, decode_segment(plain, f"A memory segment of {what}")[2], what, verify=True)
+            for _, h in (m["disk"] or {}).get("maps", []):
+                plain = self._fetch(table, [bytes.fromhex(h)], what, verify=True)[0]
+                entries = decode_map(plain, f"A disk map of {what}")
+                for start in range(0, len(entries), 256):
+                    self._fetch(table, [k for _, k in entries[start:start + 256]], what, verify=True)
+            if m["thumbnail"]:
+                self._fetch(table, [bytes.fromhex(m["thumbnail"])], what, verify=True)
+
+    def memory_stream(self, ckpt: CheckpointInfo | str) -> Iterator[bytes]:
+        """The checkpoint's migration stream, byte for byte as QEMU wrote it, about 1 MiB at a time."""
+        info = self._resolve(ckpt)
+        what = f"checkpoint {info.id[:8]}"
+        if not info.manifest["memory"]:
+            raise NotFoundError(f"Checkpoint {info.id[:8]} has no memory state; restore another checkpoint.")
+        segments = self._segments(info)
+        with self._lock(False, f"reading {what}"):
+            table = self._index()
+            out: list[bytes | memoryview] = []
+            size = 0
+            for start in range(0, len(segments), 16):
+                for plain in self._fetch(table, segments[start:start + 16], what):
+                    data, offsets, page_ids = decode_segment(plain, f"A memory segment of {what}")
+                    view = memoryview(data)
+                    at = 0
+                    for offset, page in zip(offsets, self._fetch(table, page_ids, what)):
+                        if offset > at:
+                            out.append(view[at:offset])
+                            at = offset
+                        out.append(page)
+                        size += len(page)
+                    out.append(view[at:])
+                    size += len(data)
+                    if size >= STREAM_CHUNK:
+                        yield b"".join(out)
+                        out, size = [], 0
+            if out:
+                yield b"".join(out)
+
+    def disk_size(self, ckpt: CheckpointInfo | str) -> int:
+        disk = self._resolve(ckpt).manifest["disk"]
+        return disk["size"] if disk else 0
+
+    def disk_chunks(self, ckpt: CheckpointInfo | str) -> Iterator[tuple[int, bytes]]:
+        """(chunk index, bytes) of every non-zero chunk of the disk, in order."""
+        info = self._resolve(ckpt)
+        what = f"checkpoint {info.id[:8]}"
+        disk = info.manifest["disk"]
+        if not disk:
+            return
+        with self._lock(False, f"reading {what}"):
+            table = self._index()
+            for r, h in disk["maps"]:
+                entries = decode_map(self._fetch(table, [bytes.fromhex(h)], what)[0], f"A disk map of {what}")
+                for start in range(0, len(entries), 64):
+                    batch = entries[start:start + 64]
+                    for (i, _), data in zip(batch, self._fetch(table, [k for _, k in batch], what)):
+                        yield r * disk["range_chunks"] + i, data
+
+    def thumbnail(self, ckpt: CheckpointInfo | str) -> bytes | None:
+        info = self._resolve(ckpt)
+        if not info.manifest["thumbnail"]:
+            return None
+        return self._fetch(self._index(), [bytes.fromhex(info.manifest["thumbnail"])], f"checkpoint {info.id[:8]}")[0]
+
+    # -- maintenance -------------------------------------------------------------------------------
+
+    def check(self, read_data: bool = False) -> CheckReport:
+        """Index against packs and every checkpoint's blobs present; with read_data, every blob's hash."""
+        return maintenance.check(self, read_data)
+
+    def forget(self, session: str, keep_last: int | None = None, keep_hourly: int | None = None,
+               keep_daily: int | None = None, keep_weekly: int | None = None, keep_monthly: int | None = None,
+               keep_within: timedelta | None = None, keep_manual: bool = True) -> list[CheckpointInfo]:
+        """Delete the manifests of ``session``'s checkpoints that no rule keeps; returns those.
+
+        Rules as in restic: the newest ``keep_last``; the newest checkpoint of each of the last
+        ``keep_hourly`` hours (days, ISO weeks, months; local time) that have one; those within
+        ``keep_within`` of the newest.  Pinned checkpoints always stay, manual ones (meta kind
+        "manual") while ``keep_manual``.
+        """
+        rules = {"%Y-%m-%d %H": keep_hourly, "%Y-%m-%d": keep_daily, "%G-W%V": keep_weekly, "%Y-%m": keep_monthly}
+        return maintenance.forget(self, session, keep_last, rules, keep_within, keep_manual)
+
+    def prune(self) -> PruneStats:
+        """Remove what no checkpoint uses, repacking packs that are mostly garbage (order: module doc)."""
+        return maintenance.prune(self)
+
+    def du(self, session: str | None = None) -> DuStats:
+        """Sizes: logical, distinct, stored; ratios; what each checkpoint added when written."""
+        return maintenance.du(self, session)
+
+
+def _without_segments(m: dict[str, Any]) -> dict[str, Any]:
+    if m["memory"] and "segments" in m["memory"]:
+        memory = {k: v for k, v in m["memory"].items() if k != "segments"}
+        m = {**m, "memory": {**memory, "segment_count": len(m["memory"]["segments"])}}
+    return m
