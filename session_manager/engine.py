@@ -27,7 +27,7 @@ from .vm import disk as vdisk
 from .vm.machine import Machine, RunState, Sockets, launch, wait_exit
 from .vm.qemu import Accel, choose_accelerator, command_line, find_qemu, machine_type
 from .vm.snapshot import Capture, capture, live_supported, load
-from .vm.stream import iter_segments
+from .vm.stream import iter_segments, running_on_load
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +408,7 @@ class Engine:
                 raise UsageError(f"{path} already exists; choose an empty directory.")
         try:
             with open(stream.with_suffix(".migration.part"), "wb") as f:
-                for chunk in self.repo.memory_stream(ckpt):
+                for chunk in running_on_load(self.repo.memory_stream(ckpt)):
                     f.write(chunk)
             os.replace(stream.with_suffix(".migration.part"), stream)
             vdisk.write_raw(raw, self.repo.disk_size(ckpt), self.repo.disk_chunks(ckpt))

@@ -403,3 +403,19 @@ def test_reads_are_large() -> None:
 def test_segment_pieces() -> None:
     seg = Segment(b"abcdef", (0, 3, 3, 6), [b"1", b"2", b"3", b"4"])
     assert b"".join(seg.pieces()) == b"1abc23def4"
+
+
+def test_running_on_load_rewrites_only_the_run_state_wherever_chunks_split() -> None:
+    from session_manager.vm.stream import running_on_load
+
+    section = (b"\x04\x00\x00\x00\x31\x0bglobalstate" + b"\x00\x00\x00\x00\x00\x00\x00\x01"
+               + (7).to_bytes(4, "big") + b"paused".ljust(100, b"\0"))
+    stream = b"A" * 300 + section + b"\x7e\x00\x00\x00\x31" + b"B" * 50
+    expected = stream.replace((7).to_bytes(4, "big") + b"paused".ljust(100, b"\0"),
+                              (8).to_bytes(4, "big") + b"running".ljust(100, b"\0"))
+    assert expected != stream and len(expected) == len(stream)
+    for cut in range(0, len(stream), 7):
+        chunks = iter([stream[:cut], stream[cut:cut + 13], stream[cut + 13:]])
+        assert b"".join(running_on_load(chunks)) == expected
+    untouched = b"C" * 1000  # no globalstate section: every byte passes through unchanged
+    assert b"".join(running_on_load(iter([untouched[:10], untouched[10:]]))) == untouched

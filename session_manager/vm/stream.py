@@ -28,6 +28,7 @@ must be EOF followed by the VM description whose length reaches exactly the end 
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -389,3 +390,31 @@ class _Splitter:
             raise _fail(f"ends at byte {total} without a complete VM description after its end marker",
                         "it is incomplete or was made with suppress-vmdesc: take the checkpoint again")
         yield Segment(bytes(pending), (), [])
+
+
+# The "globalstate" device section: FULL, be32 section id, u8 11 + idstr, be32 instance 0,
+# be32 version 1, then be32 size (strlen + 1) and a 100-byte runstate buffer.
+_GLOBALSTATE = re.compile(rb"\x04.{4}\x0bglobalstate\x00\x00\x00\x00\x00\x00\x00\x01(.{4})(paused\x00{94})", re.S)
+
+
+def running_on_load(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The stream with its recorded run state changed from paused to running.
+
+    A checkpoint is taken of a stopped guest, so its stream says "paused" and a QEMU loading
+    it stays paused until told ``cont``.  An exported stream must resume by itself in a stock
+    QEMU: this rewrites the 100-byte run-state buffer in place (same length) and changes
+    nothing else.
+    """
+    carry = b""
+    for chunk in chunks:
+        buf = carry + chunk
+        m = _GLOBALSTATE.search(buf)
+        if m:
+            size = (len(b"running") + 1).to_bytes(4, "big")
+            yield buf[: m.start(1)] + size + b"running".ljust(100, b"\0") + buf[m.end(2):]
+            yield from chunks
+            return
+        keep = min(len(buf), 256)  # longer than the pattern: a match may straddle two chunks
+        yield buf[:-keep]
+        carry = buf[-keep:]
+    yield carry
