@@ -169,6 +169,7 @@ class Cli:
         removed = self.engine.repo.forget(
             self.engine.session(a.name).name, keep_last=a.keep_last, keep_hourly=a.keep_hourly,
             keep_daily=a.keep_daily, keep_weekly=a.keep_weekly, keep_monthly=a.keep_monthly,
+            keep_manual=a.keep_manual,
         )
         if a.prune:
             self.engine.repo.prune()
@@ -255,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = cmd("forget", "remove old checkpoints by a retention policy (pinned ones are kept)")
     c.add_argument("name")
     for unit in ("last", "hourly", "daily", "weekly", "monthly"):
-        c.add_argument(f"--keep-{unit}", type=int, default=0, metavar="N")
+        c.add_argument(f"--keep-{unit}", type=int, metavar="N")
+    c.add_argument("--keep-manual", action="store_true", help="also keep every checkpoint taken by hand")
     c.add_argument("--prune", action="store_true", help="reclaim the space right away")
     cmd("prune", "reclaim the space of forgotten checkpoints")
     cmd("du", "show how much space checkpoints take").add_argument("name", nargs="?")

@@ -112,7 +112,9 @@ def _probe_kvm(qemu: Qemu, kernel: Path, initrd: Path) -> Accel:
             "-append", "console=ttyS0 panic=-1",
         ]
         start = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        errors = Path(tmp) / "stderr"
+        with open(errors, "wb") as err:
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
         try:
             while time.monotonic() - start < PROBE_SECONDS:
                 if proc.poll() is not None:
@@ -122,8 +124,8 @@ def _probe_kvm(qemu: Qemu, kernel: Path, initrd: Path) -> Accel:
                 time.sleep(0.1)
             else:
                 return Accel("tcg", f"a test guest did not boot under KVM within {PROBE_SECONDS:.0f} s")
-            err = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
-            return Accel("tcg", f"QEMU could not use KVM: {err[-1] if err else 'exit ' + str(proc.returncode)}")
+            lines = errors.read_text(errors="replace").strip().splitlines()
+            return Accel("tcg", f"QEMU could not use KVM: {lines[-1] if lines else 'exit ' + str(proc.returncode)}")
         finally:
             if proc.poll() is None:
                 proc.kill()
