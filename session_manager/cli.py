@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .engine import DEMO_NAME, Engine
+from .engine import DEMO_NAME, UFFD_ADVICE, Engine
 from .errors import SessionManagerError, UsageError
 from .paths import HOME_ENV, Home
 from .store.repo import CheckpointInfo
@@ -94,6 +94,12 @@ class Cli:
     def start(self) -> None:
         st = asyncio.run(self.engine.start(self.args.name))
         self.out(asdict(st), lambda: self._status_text(st) + "\nStarted.")
+        self._advise(st.live_checkpoints)
+
+    @staticmethod
+    def _advise(live: bool | None) -> None:
+        if live is False:
+            print(f"session-manager: note: {UFFD_ADVICE}", file=sys.stderr)
 
     def stop(self) -> None:
         saved = asyncio.run(self.engine.stop(self.args.name, save=not self.args.no_save))
@@ -134,6 +140,7 @@ class Cli:
         mode = "live" if c.meta["live"] else "stop-and-copy: the guest was paused"
         self.out(c.to_dict(), f"Checkpoint {c.id[:8]}: paused {c.meta['pause_ms']:.1f} ms ({mode}), "
                               f"{c.meta['wall_s']:.2f} s, added {human(c.added_bytes)}.")
+        self._advise(c.meta["live"])
 
     def checkpoints(self) -> None:
         cs = self.engine.checkpoints(self.args.name)

@@ -183,7 +183,11 @@ class Engine:
         session = self.session(name)
         async with self._locked(session):
             if self.sockets(session).pid() is not None:
-                raise UsageError(f"Session {name!r} is already running; use `session-manager status {name}`.")
+                async with Machine.connect(self.sockets(session)) as m:
+                    if await m.status() != RunState.PAUSED:
+                        raise UsageError(f"Session {name!r} is already running; use `session-manager status {name}`.")
+                    await m.run("cont")  # left paused, e.g. by a checkpoint killed in its pause
+                return await self.status(name)
             state = session.load_state()
             if state.saved:
                 await self._restore_locked(session, self.repo.get(state.saved), take_before=False)

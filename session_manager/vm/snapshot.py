@@ -109,6 +109,7 @@ async def capture(
     resumed_at: float | None = None
     switched = streaming = False
     try:
+        await asyncio.to_thread(_fsync, disks / old)  # so the flush inside `stop` has little left to write
         await machine.run("stop")
         stopped_at = time.monotonic()
         await machine.run("blockdev-snapshot", {"node": node_name(old), "overlay": node_name(new)})
@@ -174,6 +175,14 @@ async def load(machine: Machine, chunks: Iterable[bytes]) -> float:
         writer.cancel()
         raise
     return time.monotonic() - started
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, chunks: Iterable[bytes]) -> None:
