@@ -64,6 +64,10 @@ async def active_layer(machine: Machine) -> str:
 
 async def live_supported(machine: Machine) -> bool:
     """Whether QEMU can take background snapshots here (userfaultfd allowed)."""
+    capabilities = {c["capability"] for c in await machine.run("query-migrate-capabilities")}
+    if "background-snapshot" not in capabilities:
+        raise QemuError("This QEMU build lacks the background-snapshot migration capability; install Debian's or "
+                        "upstream QEMU 7.2 or newer.")
     try:
         await machine.run("migrate-set-capabilities",
                           {"capabilities": [{"capability": "background-snapshot", "state": True}]})
