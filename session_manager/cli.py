@@ -80,7 +80,7 @@ class Cli:
         self.out(asdict(s.load_config()), f"Created session {a.name!r}; start it with `session-manager start {a.name}`.")
 
     def list(self) -> None:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for s in self.engine.sessions():
             st = asyncio.run(self.engine.status(s.name))
             state = st.run_state or ("saved" if st.saved else "stopped")
@@ -212,11 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="also print the log")
     p.add_argument("--version", action="version", version=f"session-manager {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    js = argparse.ArgumentParser(add_help=False)
+    js = _Parser(add_help=False)
     js.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
-    def cmd(name: str, help: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, parents=[js, *parents])
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[js])
 
     size = lambda t: parse_size(t)  # noqa: E731
     c = cmd("new", "create a session from a disk image, an installer ISO or a kernel")

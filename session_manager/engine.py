@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import NotFoundError, QemuError, SessionManagerError, UsageError
 from .paths import Home
-from .sessions import Session, SessionConfig, SessionState, list_sessions
+from .sessions import Session, SessionConfig, list_sessions
 from .store.repo import CheckpointInfo, Repository
 from .vm import disk as vdisk
 from .vm.machine import Machine, RunState, Sockets, launch, wait_exit
@@ -175,8 +175,7 @@ class Engine:
             return Accel(forced, f"{ACCEL_ENV}={forced}")
         from .testguest import build as build_guest
 
-        kernel, initrd = build_guest(self.home.cache / "testguest")
-        return choose_accelerator(self.home.cache, kernel, initrd)
+        return choose_accelerator(self.home.cache, lambda: build_guest(self.home.cache / "testguest"))
 
     async def start(self, name: str) -> Status:
         """Start a session: resume its saved state if it was stopped with one, else boot it."""
@@ -226,7 +225,10 @@ class Engine:
                 raise UsageError(f"Session {name!r} is not running.")
             saved = None
             async with Machine.connect(sockets) as m:
-                if save and await m.status() == RunState.RUNNING:
+                run_state = await m.status()
+                if save and run_state == RunState.PAUSED:
+                    await m.run("cont")  # a checkpoint needs a running guest; its state is what we keep
+                if save and run_state in (RunState.RUNNING, RunState.PAUSED):
                     saved = await self._checkpoint_locked(session, m, "saved on stop", "stop")
                 await m.quit()
             if saved is not None:

@@ -23,13 +23,13 @@ def test_demo_creates_and_starts_a_counting_session(sm: Sm) -> None:
 
 
 def test_accelerator_probe_boots_a_real_guest(tmp_path: Path, guest: tuple[Path, Path]) -> None:
-    accel = choose_accelerator(tmp_path, *guest)
+    accel = choose_accelerator(tmp_path, lambda: guest)
     if accel.name == "tcg" and os.access("/dev/kvm", os.R_OK | os.W_OK):
         # On these machines /dev/kvm exists but guests hang under it: the probe must notice.
         assert "KVM" in accel.reason
     else:
         assert accel.name == "kvm" or "/dev/kvm" in accel.reason
-    assert choose_accelerator(tmp_path, *guest) == accel  # cached until the host reboots
+    assert choose_accelerator(tmp_path, lambda: guest) == accel  # cached until the host reboots
 
 
 def test_repository_commands(sm: Sm, guest: tuple[Path, Path]) -> None:

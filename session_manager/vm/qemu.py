@@ -10,11 +10,12 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from ..errors import QemuError
+from ..errors import QemuError, SessionManagerError
 from ..sessions import SessionConfig
 from .machine import DISK_DEVICE, Sockets, node_name
 
@@ -38,9 +39,10 @@ class Qemu:
 
 @cache
 def find_qemu() -> Qemu:
-    system = os.environ.get(QEMU_ENV) or shutil.which("qemu-system-x86_64")
-    if os.environ.get(QEMU_ENV) and not os.access(system, os.X_OK):
-        raise QemuError(f"{QEMU_ENV} names {system}, which is not an executable; fix or unset it.")
+    forced = os.environ.get(QEMU_ENV)
+    if forced and not os.access(forced, os.X_OK):
+        raise QemuError(f"{QEMU_ENV} names {forced}, which is not an executable; fix or unset it.")
+    system = forced or shutil.which("qemu-system-x86_64")
     img = shutil.which("qemu-img", path=os.path.dirname(system) + os.pathsep + os.environ.get("PATH", "")) if system else None
     if not system or not img:
         raise QemuError(
@@ -78,12 +80,13 @@ class Accel:
     reason: str
 
 
-def choose_accelerator(cache_dir: Path, kernel: Path, initrd: Path) -> Accel:
+def choose_accelerator(cache_dir: Path, guest: Callable[[], tuple[Path, Path]]) -> Accel:
     """KVM when a real guest boots under it within PROBE_SECONDS, TCG otherwise.
 
     /dev/kvm can exist and still hang guests (nested virtualisation), so the
-    only trustworthy check is booting the test guest and waiting for it to
-    say ``ready``.  The answer is kept until the host reboots or QEMU changes.
+    only trustworthy check is booting the test guest (``guest()`` builds it)
+    and waiting for it to say ``ready``.  The answer is kept until the host
+    reboots or QEMU changes.
     """
     qemu = find_qemu()
     key = {"boot_id": _boot_id(), "qemu": qemu.version_text}
@@ -94,15 +97,19 @@ def choose_accelerator(cache_dir: Path, kernel: Path, initrd: Path) -> Accel:
             return Accel(cached["name"], cached["reason"])
     except (OSError, ValueError, KeyError):
         pass
-    accel = _probe_kvm(qemu, kernel, initrd)
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        accel = Accel("tcg", "/dev/kvm is missing or not accessible to this user")
+    else:
+        try:
+            accel = _probe_kvm(qemu, *guest())
+        except SessionManagerError as e:
+            return Accel("tcg", f"KVM could not be probed ({e})")  # not cached: try again next time
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache_file.write_text(json.dumps({"key": key, "name": accel.name, "reason": accel.reason}))
     return accel
 
 
 def _probe_kvm(qemu: Qemu, kernel: Path, initrd: Path) -> Accel:
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return Accel("tcg", "/dev/kvm is missing or not accessible to this user")
     with tempfile.TemporaryDirectory(prefix="sm-kvm-probe-") as tmp:
         serial = Path(tmp) / "serial.log"
         argv = [
