@@ -10,15 +10,19 @@ case "$mode" in demo|test) ;; *) echo "usage: $0 demo|test" >&2; exit 2 ;; esac
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo=sudo
 
-# Debian packages: QEMU, and what the test guest builder and tests use.
-apt_packages=(qemu-system-x86 qemu-utils python3-venv busybox-static zstd)
+# Debian packages: QEMU and a Python that can make virtual environments.
+apt_packages=(qemu-system-x86 qemu-utils python3-venv)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
 done
+# The test guest is built from Debian's kernel and busybox packages (apt-get download): the
+# package lists must know them.
+if [ ${#missing[@]} -gt 0 ] || ! apt-cache show linux-image-amd64 busybox-static >/dev/null 2>&1; then
+    $sudo apt-get update -q
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "Installing Debian packages: ${missing[*]}"
-    $sudo apt-get update -q
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import subprocess
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s; QEMU's default (32 MiB/s) would make checkpoints crawl
 UFFD_REFUSAL = "not supported by host kernel"
+PIPE_SIZE = 1 << 20  # an ordinary user's maximum (/proc/sys/fs/pipe-max-size)
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ async def load(machine: Machine, chunks: Iterable[bytes]) -> float:
 
     The guest stays paused; the caller continues it.
     """
-    rfd, wfd = os.pipe()
+    rfd, wfd = _pipe()
     try:
         await machine.pass_fd(rfd, "sm-restore")
     finally:
@@ -179,6 +181,14 @@ async def load(machine: Machine, chunks: Iterable[bytes]) -> float:
         writer.cancel()
         raise
     return time.monotonic() - started
+
+
+def _pipe() -> tuple[int, int]:
+    """A pipe with a 1 MiB buffer (Linux's default 64 KiB costs a context switch every 64 KiB)."""
+    rfd, wfd = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return rfd, wfd
 
 
 def _fsync(path: Path) -> None:
@@ -226,8 +236,8 @@ class _Relay:
     """
 
     def __init__(self) -> None:
-        relay_in, self.qemu_fd = os.pipe()
-        self.fd, relay_out = os.pipe()
+        relay_in, self.qemu_fd = _pipe()
+        self.fd, relay_out = _pipe()
         self.proc = subprocess.Popen(
             ["sh", "-c", "cat || exec cat >/dev/null"], stdin=relay_in, stdout=relay_out,
             stderr=subprocess.DEVNULL, start_new_session=True,
