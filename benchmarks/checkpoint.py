@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from session_manager.cli import _setup_logging  # noqa: E402
 from session_manager.engine import Engine  # noqa: E402
 from session_manager.paths import Home  # noqa: E402
 from session_manager.store.repo import Repository  # noqa: E402
@@ -102,6 +103,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="sm-bench-", dir=os.environ.get("BENCH_DIR")))
     home_dir = work / "home"
     engine = Engine(Home.locate(home_dir))
+    _setup_logging(engine.home, verbose=False)
     kernel, initrd = build(ROOT / ".cache" / "testguest")
     append = f"console=ttyS0 quiet sm.fill={a.fill} sm.dirty={a.dirty} sm.window={a.window}"
     engine.new_session("bench", kernel=kernel, initrd=initrd, append=append, memory_mib=a.memory, cpus=1,
@@ -163,6 +165,9 @@ def main() -> None:
     t = time.monotonic()
     asyncio.run(engine.restore("bench", c2["id"], discard_current=True))
     ours_restore = time.monotonic() - t
+    log = engine.home.log_file.read_text() if engine.home.log_file.exists() else ""
+    verify_s = float(re.findall(r"verified checkpoint \w+ in ([\d.]+) s", log)[-1])
+    load_s = float(re.findall(r"stream loaded in ([\d.]+) s", log)[-1])
     asyncio.run(engine.stop("bench", save=False))
 
     async def raw_load() -> float:
@@ -218,6 +223,7 @@ def main() -> None:
           f"{raw_bytes / cat_s / MiB:.0f} MiB/s | {cat_s / ingest_s:.2f}× |")
     print(f"| restore (verify, start QEMU, load, run) | {ours_restore:.2f} s | stock QEMU -incoming exec:cat file "
           f"{raw_restore:.2f} s | {ours_restore / raw_restore:.2f}× |")
+    print(f"| … of which verification / streaming into QEMU | {verify_s:.2f} s / {load_s:.2f} s | | |")
     print(f"| regenerate the stream from the repository | {regen / regen_s / MiB:.0f} MiB/s | | |")
     print(f"| peak RSS of the checkpoint command (1st / 2nd) | {c1_rss / MiB:.0f} / {c2_rss / MiB:.0f} MiB | | |")
     subprocess.run(["rm", "-rf", str(work)])

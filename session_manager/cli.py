@@ -173,8 +173,8 @@ class Cli:
 
     def forget(self) -> None:
         a = self.args
-        removed = self.engine.repo.forget(
-            self.engine.session(a.name).name, keep_last=a.keep_last, keep_hourly=a.keep_hourly,
+        removed = self.engine.forget(
+            a.name, keep_last=a.keep_last, keep_hourly=a.keep_hourly,
             keep_daily=a.keep_daily, keep_weekly=a.keep_weekly, keep_monthly=a.keep_monthly,
             keep_manual=a.keep_manual,
         )

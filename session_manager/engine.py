@@ -301,10 +301,9 @@ class Engine:
     def _ingest_disk(self, w: Any, session: Session, frozen: str, parent: str | None) -> None:
         with vdisk.ChainReader(session.layer_path(frozen)) as reader:
             depth = None
-            if parent is not None:
-                parent_layer = self.repo.get(parent).meta.get("disk_layer")
-                if parent_layer:
-                    depth = reader.depth_of(session.layer_path(parent_layer))
+            parents = [c for c in self.repo.checkpoints(session=session.name) if c.id == parent]
+            if parents and parents[0].meta.get("disk_layer"):  # else forgotten: store the whole disk
+                depth = reader.depth_of(session.layer_path(parents[0].meta["disk_layer"]))
             w.add_disk(reader.size, reader.chunks_above(depth), parent if depth is not None else None)
 
     @staticmethod
@@ -322,6 +321,11 @@ class Engine:
             "qemu": find_qemu().version_text,
             "config": asdict(config),
         }
+
+    def forget(self, name: str, **rules: Any) -> list[CheckpointInfo]:
+        """Apply a retention policy; the checkpoint the session runs from and its saved state always stay."""
+        state = self.session(name).load_state()
+        return self.repo.forget(name, keep_ids=[i for i in (state.head, state.saved) if i], **rules)
 
     def checkpoints(self, name: str) -> list[CheckpointInfo]:
         self.session(name)
@@ -345,7 +349,9 @@ class Engine:
 
     async def _restore_locked(self, session: Session, ckpt: CheckpointInfo, take_before: bool) -> CheckpointInfo | None:
         # Everything that can be checked is checked before QEMU sees a byte.
+        started = time.monotonic()
         await asyncio.to_thread(self.repo.verify, ckpt)
+        log.info("verified checkpoint %s in %.2f s", ckpt.id, time.monotonic() - started)
         config = SessionConfig(**ckpt.meta["config"])
         state = session.load_state()
         sockets = self.sockets(session)
@@ -371,12 +377,13 @@ class Engine:
         except BaseException as e:
             await self._kill(sockets)
             if isinstance(e, SessionManagerError):
-                hint = f" your previous state is kept as checkpoint {before.id[:8]}." if before else ""
+                hint = (f" The state it was replacing is checkpoint {before.id[:8]}; `session-manager start "
+                        f"{session.name}` resumes it.") if before else ""
                 raise QemuError(f"Restoring checkpoint {ckpt.id[:8]} failed: {e}{hint}") from e
             raise
         state.head, state.saved = ckpt.id, None
         session.save_state(state)
-        log.info("restored %s to %s in %.2f s", session.name, ckpt.id, seconds)
+        log.info("restored %s to %s: stream loaded in %.2f s", session.name, ckpt.id, seconds)
         return before
 
     def _layer_for(self, session: Session, ckpt: CheckpointInfo) -> Path:

@@ -236,13 +236,13 @@ def _check_pack(repo: Repository, table: BlobTable, pack: str, name: str | None,
 
 
 def forget(repo: Repository, session: str, keep_last: int | None, rules: dict[str, int | None],
-           keep_within: timedelta | None, keep_manual: bool) -> list[CheckpointInfo]:
+           keep_within: timedelta | None, keep_manual: bool, keep_ids: Iterable[str] = ()) -> list[CheckpointInfo]:
     """``rules``: strftime bucket format -> how many of the newest buckets keep their newest checkpoint."""
     if not keep_last and not keep_within and not any(rules.values()):
         raise UsageError("Forget needs at least one rule (keep-last, keep-hourly, keep-daily, keep-weekly, "
                          "keep-monthly or keep-within); nothing was forgotten.")
     newest_first = repo.checkpoints(session)[::-1]
-    keep = {c.id for c in newest_first[:keep_last or 0]}
+    keep = {c.id for c in newest_first[:keep_last or 0]} | set(keep_ids)
     keep |= {c.id for c in newest_first if c.pinned or (keep_manual and c.meta.get("kind") == "manual")}
     if keep_within and newest_first:
         keep |= {c.id for c in newest_first if c.created_at >= newest_first[0].created_at - keep_within}

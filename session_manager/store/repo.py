@@ -410,16 +410,17 @@ class Repository:
 
     def forget(self, session: str, keep_last: int | None = None, keep_hourly: int | None = None,
                keep_daily: int | None = None, keep_weekly: int | None = None, keep_monthly: int | None = None,
-               keep_within: timedelta | None = None, keep_manual: bool = True) -> list[CheckpointInfo]:
+               keep_within: timedelta | None = None, keep_manual: bool = True,
+               keep_ids: Sequence[str] = ()) -> list[CheckpointInfo]:
         """Delete the manifests of ``session``'s checkpoints that no rule keeps; returns those.
 
         Rules as in restic: the newest ``keep_last``; the newest checkpoint of each of the last
         ``keep_hourly`` hours (days, ISO weeks, months; local time) that have one; those within
         ``keep_within`` of the newest.  Pinned checkpoints always stay, manual ones (meta kind
-        "manual") while ``keep_manual``.
+        "manual") while ``keep_manual``, and those in ``keep_ids``.
         """
         rules = {"%Y-%m-%d %H": keep_hourly, "%Y-%m-%d": keep_daily, "%G-W%V": keep_weekly, "%Y-%m": keep_monthly}
-        return maintenance.forget(self, session, keep_last, rules, keep_within, keep_manual)
+        return maintenance.forget(self, session, keep_last, rules, keep_within, keep_manual, keep_ids)
 
     def prune(self) -> PruneStats:
         """Remove what no checkpoint uses, repacking packs that are mostly garbage (order: module doc)."""
