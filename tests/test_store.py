@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from test_stream import Synthetic, fill_data, needs_qemu, reader, record_stream, recorded_streams
+from test_stream import Synthetic, fill_data, reader, record_stream, recorded_streams
 
 from session_manager.errors import (
     CorruptionError,
@@ -132,7 +132,6 @@ def qemu_streams(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # -- round trips ------------------------------------------------------------------------------------------
 
 
-@needs_qemu
 def test_real_streams_round_trip(tmp_path: Path, qemu_streams: dict[str, Path]) -> None:
     repo = Repository.open(tmp_path / "repo", create=True)
     infos = {}
@@ -151,7 +150,6 @@ def test_real_streams_round_trip(tmp_path: Path, qemu_streams: dict[str, Path]) 
     assert repo.check(read_data=True).ok
 
 
-@needs_qemu
 def test_second_checkpoint_of_a_barely_changed_guest_adds_little(tmp_path: Path) -> None:
     fill = bytearray(fill_data(24, 7))
     first = record_stream(tmp_path / "a.stream", 160, bytes(fill), background=False).read_bytes()
