@@ -145,10 +145,7 @@ class Engine:
     def delete(self, name: str) -> int:
         """Delete a session and forget its checkpoints; returns how many were forgotten."""
         session = self.session(name)
-        pid = self.sockets(session).pid()
-        if pid is not None:
-            os.kill(pid, 9)
-            asyncio.run(wait_exit(pid))
+        asyncio.run(self._kill(self.sockets(session)))
         count = 0
         for ckpt in self.repo.checkpoints(session=name):
             self.repo.delete_checkpoint(ckpt.id)
@@ -301,9 +298,10 @@ class Engine:
     def _ingest_disk(self, w: Any, session: Session, frozen: str, parent: str | None) -> None:
         with vdisk.ChainReader(session.layer_path(frozen)) as reader:
             depth = None
-            parents = [c for c in self.repo.checkpoints(session=session.name) if c.id == parent]
-            if parents and parents[0].meta.get("disk_layer"):  # else forgotten: store the whole disk
-                depth = reader.depth_of(session.layer_path(parents[0].meta["disk_layer"]))
+            with contextlib.suppress(NotFoundError):  # a forgotten parent: store the whole disk
+                layer = self.repo.get(parent).meta.get("disk_layer") if parent else None
+                if layer:
+                    depth = reader.depth_of(session.layer_path(layer))
             w.add_disk(reader.size, reader.chunks_above(depth), parent if depth is not None else None)
 
     @staticmethod
