@@ -179,7 +179,7 @@ def main() -> None:
                             top_layer=top, sockets=rt, serial_log=work / "raw-serial.log")
         argv[argv.index("-vnc") + 1] = f"unix:{rt.vnc}"
         t0 = time.monotonic()
-        launch(argv + ["-incoming", f"exec:cat {raw}"], rt, work / "raw-qemu.log")
+        await launch(argv + ["-incoming", f"exec:cat {raw}"], rt, work / "raw-qemu.log")
         async with Machine.connect(rt) as m:
             await wait_migrated(m)
             elapsed = time.monotonic() - t0

@@ -14,7 +14,7 @@ import logging
 import os
 import shlex
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from .vm import disk as vdisk
 from .vm.machine import Machine, RunState, Sockets, launch, wait_exit
 from .vm.qemu import Accel, choose_accelerator, command_line, find_qemu, machine_type
 from .vm.snapshot import Capture, capture, live_supported, load
-from .vm.stream import iter_segments, running_on_load
+from .vm.stream import REGION_SHIFT, Segment, iter_segments, running_on_load
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,23 @@ UFFD_ADVICE = (
     "/etc/sysctl.d/60-session-manager.conf && sudo sysctl --system` (packaging/setup.sh does this), and until "
     "then each checkpoint pauses the session while its memory is copied."
 )
+
+
+Progress = Callable[[str, float], None]
+"""Told what an operation is doing and how far it is (0..1, or -1 when unknown); may be called from a worker
+thread.  An export's progress callback may raise to cancel it."""
+
+
+def _no_progress(what: str, fraction: float) -> None:
+    pass
+
+
+def _counting(chunks: Iterable[bytes], total: int, what: str, progress: Progress) -> Iterator[bytes]:
+    done = 0
+    for chunk in chunks:
+        yield chunk
+        done += len(chunk)
+        progress(what, min(done / max(total, 1), 1.0))
 
 
 @dataclass
@@ -203,7 +220,7 @@ class Engine:
             f.write(f"\n{SERIAL_MARK} {why} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         argv = command_line(find_qemu(), config, accel=accel.name, top_layer=top, sockets=sockets,
                             serial_log=session.serial_log, incoming=incoming)
-        launch(argv, sockets, session.qemu_log)
+        await launch(argv, sockets, session.qemu_log)
         (sockets.runtime / "accel").write_text(f"{accel.name}\n{accel.reason}\n")
 
     async def _note_live_support(self, machine: Machine, session: Session) -> bool:
@@ -265,15 +282,18 @@ class Engine:
         )
 
     # -- checkpoints -----------------------------------------------------------
-    async def checkpoint(self, name: str, note: str = "", kind: str = "manual") -> CheckpointInfo:
+    async def checkpoint(self, name: str, note: str = "", kind: str = "manual",
+                         progress: Progress = _no_progress) -> CheckpointInfo:
         session = self.session(name)
         async with self._locked(session):
             if self.sockets(session).pid() is None:
                 raise UsageError(f"Session {name!r} is not running; start it with `session-manager start {name}`.")
             async with Machine.connect(self.sockets(session)) as m:
-                return await self._checkpoint_locked(session, m, note, kind)
+                return await self._checkpoint_locked(session, m, note, kind, progress)
 
-    async def _checkpoint_locked(self, session: Session, m: Machine, note: str, kind: str) -> CheckpointInfo:
+    async def _checkpoint_locked(self, session: Session, m: Machine, note: str, kind: str,
+                                 progress: Progress = _no_progress) -> CheckpointInfo:
+        progress("Checkpointing", -1)
         live = await self._note_live_support(m, session)
         thumbnail = await m.screendump_png(session.runtime / "thumbnail.png")
         state = session.load_state()
@@ -283,8 +303,18 @@ class Engine:
             state.active_layer = layer
             session.save_state(state)
 
+        ram = config.memory_mib << 20
+
+        def memory(segments: Iterable[Segment]) -> Iterator[Segment]:
+            for i, segment in enumerate(segments, 1):  # each segment is at most one 2 MiB region of RAM
+                yield segment
+                if i % 16 == 0:
+                    progress("Saving memory", min((i << REGION_SHIFT) / ram, 0.99))
+
         with self.repo.writer(session=session.name, parent=state.head) as w:
-            cap, _ = await capture(m, session.disks, lambda read: w.add_memory(iter_segments(read)), switched, live)
+            cap, _ = await capture(m, session.disks, lambda read: w.add_memory(memory(iter_segments(read))),
+                                   switched, live)
+            progress("Saving disk changes", -1)
             await asyncio.to_thread(self._ingest_disk, w, session, cap.frozen_layer, state.head)
             if thumbnail:
                 w.set_thumbnail(thumbnail)
@@ -339,14 +369,18 @@ class Engine:
         return ckpt
 
     # -- restoring ---------------------------------------------------------------
-    async def restore(self, name: str, ref: str, discard_current: bool = False) -> CheckpointInfo | None:
+    async def restore(self, name: str, ref: str, discard_current: bool = False,
+                      progress: Progress = _no_progress) -> CheckpointInfo | None:
         """Roll a session back to a checkpoint; returns the checkpoint taken of the state it replaced."""
         session = self.session(name)
         async with self._locked(session):
-            return await self._restore_locked(session, self.find_checkpoint(session, ref), not discard_current)
+            return await self._restore_locked(session, self.find_checkpoint(session, ref), not discard_current,
+                                              progress)
 
-    async def _restore_locked(self, session: Session, ckpt: CheckpointInfo, take_before: bool) -> CheckpointInfo | None:
+    async def _restore_locked(self, session: Session, ckpt: CheckpointInfo, take_before: bool,
+                              progress: Progress = _no_progress) -> CheckpointInfo | None:
         # Everything that can be checked is checked before QEMU sees a byte.
+        progress("Verifying the checkpoint", -1)
         started = time.monotonic()
         await asyncio.to_thread(self.repo.verify, ckpt)
         log.info("verified checkpoint %s in %.2f s", ckpt.id, time.monotonic() - started)
@@ -358,7 +392,7 @@ class Engine:
             async with Machine.connect(sockets) as m:
                 if take_before and await m.status() == RunState.RUNNING:
                     before = await self._checkpoint_locked(
-                        session, m, f"before restoring {ckpt.id[:8]}", "pre-restore")
+                        session, m, f"before restoring {ckpt.id[:8]}", "pre-restore", progress)
                     state = session.load_state()
                     state.saved = before.id
                     session.save_state(state)
@@ -369,7 +403,8 @@ class Engine:
         await self._launch(session, config, top, f"restore of checkpoint {ckpt.id}", incoming=True)
         try:
             async with Machine.connect(sockets) as m:
-                seconds = await load(m, self.repo.memory_stream(ckpt))
+                seconds = await load(m, _counting(self.repo.memory_stream(ckpt), ckpt.stream_bytes,
+                                                  "Loading memory", progress))
                 await m.run("cont")
                 await self._note_live_support(m, session)
         except BaseException as e:
@@ -406,10 +441,14 @@ class Engine:
             await wait_exit(pid)
 
     # -- export ------------------------------------------------------------------
-    def export(self, name: str, ref: str, out_dir: Path) -> list[str]:
-        """Write a plain migration stream and a standalone qcow2; return the stock QEMU command that loads them."""
+    def export(self, name: str, ref: str, out_dir: Path, progress: Progress = _no_progress) -> list[str]:
+        """Write a plain migration stream and a standalone qcow2; return the stock QEMU command that loads them.
+
+        If ``progress`` raises, the export stops and leaves no files behind.
+        """
         session = self.session(name)
         ckpt = self.find_checkpoint(session, ref)
+        progress("Verifying the checkpoint", -1)
         self.repo.verify(ckpt)
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = out_dir / f"{name}-{ckpt.id[:8]}"
@@ -419,9 +458,11 @@ class Engine:
                 raise UsageError(f"{path} already exists; choose an empty directory.")
         try:
             with open(stream.with_suffix(".migration.part"), "wb") as f:
-                for chunk in running_on_load(self.repo.memory_stream(ckpt)):
+                for chunk in _counting(running_on_load(self.repo.memory_stream(ckpt)), ckpt.stream_bytes,
+                                       "Exporting memory", progress):
                     f.write(chunk)
             os.replace(stream.with_suffix(".migration.part"), stream)
+            progress("Exporting the disk", -1)
             vdisk.write_raw(raw, self.repo.disk_size(ckpt), self.repo.disk_chunks(ckpt))
             vdisk.qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2))
         except BaseException:

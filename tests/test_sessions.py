@@ -160,5 +160,6 @@ def test_stop_saves_and_start_resumes(sm: Sm, guest: tuple[Path, Path]) -> None:
     mark = serial.size()
     sm("start", "save")
     serial.wait_counter(1, since=mark)
-    assert serial.counters(since=mark)[0] == value + 1
+    # The guest runs on while its state is being saved, so it may print one more counter before QEMU quits.
+    assert value <= serial.counters(since=mark)[0] <= value + 1
     assert "ready" not in serial.text(since=mark)  # resumed, not rebooted

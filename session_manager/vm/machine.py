@@ -92,8 +92,12 @@ class Sockets:
         return pid if str(self.qmp).encode() in cmdline else None
 
 
-def launch(argv: list[str], sockets: Sockets, log_file: Path) -> int:
-    """Start QEMU detached from us and wait until its QMP socket is up."""
+async def launch(argv: list[str], sockets: Sockets, log_file: Path) -> int:
+    """Start QEMU detached from us and wait until its QMP socket is up; returns its pid.
+
+    A shell starts QEMU in the background and exits, so init adopts QEMU: it outlives the CLI or
+    the app, and a long-running app never keeps it as its child (no zombie, no pending Popen).
+    """
     sockets.qmp.unlink(missing_ok=True)
     sockets.vnc.unlink(missing_ok=True)
     sockets.pidfile.unlink(missing_ok=True)
@@ -101,18 +105,21 @@ def launch(argv: list[str], sockets: Sockets, log_file: Path) -> int:
     log.info("starting QEMU: %s", " ".join(argv))
     with open(log_file, "ab") as out:
         out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
-        out.flush()
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True
-        )
+    shell = subprocess.run(["/bin/sh", "-c", '"$@" </dev/null >>"$SM_QEMU_LOG" 2>&1 & echo $!', "sh", *argv],
+                           env={**os.environ, "SM_QEMU_LOG": str(log_file)}, capture_output=True, text=True,
+                           start_new_session=True, close_fds=True)
+    if shell.returncode != 0 or not shell.stdout.strip().isdigit():
+        raise QemuError(f"Could not start QEMU: {shell.stderr.strip() or 'the shell failed'}.")
+    pid = int(shell.stdout)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if not _alive(pid):
             raise QemuError(f"QEMU exited at start: {_last_line(log_file)}; the full log is {log_file}.")
         if sockets.qmp.exists() and sockets.pidfile.exists():
-            return proc.pid
-        time.sleep(0.02)
-    proc.kill()
+            return pid
+        await asyncio.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
     raise QemuError(f"QEMU did not start within {START_TIMEOUT:.0f} s; see {log_file}.")
 
 
