@@ -1,0 +1,140 @@
+"""The app's preferences, kept as TOML in ``settings.toml`` in the config directory.
+
+A missing file means the defaults.  A file that cannot be used (broken TOML, a
+value of the wrong type) is refused with a :class:`UsageError` naming the file
+and the key; keys this version does not know are ignored with a logged warning.
+The file is written atomically: a temporary file beside it, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .errors import UsageError
+from .paths import Home, check_name
+
+log = logging.getLogger(__name__)
+
+FILENAME = "settings.toml"
+SCALES = ("fit", "1:1")
+
+
+@dataclass
+class Settings:
+    checkpoint_shortcut: str = "Ctrl+Alt+S"  # a QKeySequence in portable text form
+    confirm_restore: bool = True
+    keyboard_grab: bool = False  # grab the keyboard while the viewer has focus
+    scale: str = "fit"  # "fit": scale the guest's screen to the window; "1:1": one guest pixel per pixel
+    show_notifications: bool = True
+    session: str | None = None  # the session the app shows; None: the only (or first) one
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            problem = _problem(f.name, getattr(self, f.name))
+            if problem:
+                raise ValueError(problem)
+
+    @staticmethod
+    def path(home: Home) -> Path:
+        return home.config / FILENAME
+
+    @classmethod
+    def load(cls, home: Home) -> Settings:
+        path = cls.path(home)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            return cls()
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"{_shown(path)} is not valid TOML: {e}; {_ADVICE}") from None
+        except OSError as e:
+            raise UsageError(f"Could not read {_shown(path)} ({e.strerror}); {_ADVICE}") from None
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in known:
+                log.warning("%s: ignoring the unknown setting %r", path, key)
+                continue
+            problem = _problem(key, value)
+            if problem:
+                raise UsageError(f"{_shown(path)}: {problem}; {_ADVICE}")
+            values[key] = value
+        return cls(**values)
+
+    def save(self, home: Home) -> None:
+        path = self.path(home)
+        data = tomli_w.dumps({k: v for k, v in asdict(self).items() if v is not None}).encode()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as e:
+            raise UsageError(
+                f"Could not save the settings to {_shown(path)} ({e.strerror}); check that its directory is writable."
+            ) from None
+
+
+_ADVICE = "fix it, or delete the file to go back to the defaults."
+
+
+def _problem(key: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for the setting ``key``, or None."""
+    if key in ("confirm_restore", "keyboard_grab", "show_notifications"):
+        ok = isinstance(value, bool)
+        wanted = "true or false"
+    elif key == "checkpoint_shortcut":
+        ok = isinstance(value, str) and value.strip() != ""
+        wanted = 'a key combination in quotes, like "Ctrl+Alt+S"'
+    elif key == "scale":
+        ok = value in SCALES
+        wanted = " or ".join(f'"{s}"' for s in SCALES)
+    elif key == "session":
+        ok = value is None or (isinstance(value, str) and _is_name(value))
+        wanted = "the name of a session in quotes"
+    else:
+        raise AssertionError(key)
+    return None if ok else f"{key} must be {wanted}, not {_toml(value)}"
+
+
+def _is_name(text: str) -> bool:
+    try:
+        check_name(text)
+    except UsageError:
+        return False
+    return True
+
+
+def _toml(value: Any) -> str:
+    """``value`` as it is written in TOML (near enough for a message)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "a table"
+    return str(value)
+
+
+def _shown(path: Path) -> str:
+    """``path`` with the user's home directory written as ``~``."""
+    try:
+        return "~/" + str(path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
