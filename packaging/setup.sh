@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # Set up session-manager on a Debian/Ubuntu machine, then run it.
-#   packaging/setup.sh demo   install, then start the demo session (the main job)
+#   packaging/setup.sh run    install, then start the app (and the demo session if you have none)
 #   packaging/setup.sh test   install with test dependencies, then run the whole test suite
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mode=${1:-demo}
-case "$mode" in demo|test) ;; *) echo "usage: $0 demo|test" >&2; exit 2 ;; esac
+mode=${1:-run}
+case "$mode" in run|test) ;; *) echo "usage: $0 run|test" >&2; exit 2 ;; esac
 
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo=sudo
 
-# Debian packages: QEMU and a Python that can make virtual environments.
-apt_packages=(qemu-system-x86 qemu-utils python3-venv)
+# Debian packages: QEMU, a Python that can make virtual environments, and what Qt loads on X11/Wayland.
+apt_packages=(qemu-system-x86 qemu-utils python3-venv
+              libegl1 libgl1 libx11-6 libdbus-1-3 libfontconfig1 libfreetype6 libglib2.0-0 libxkbcommon0
+              libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-render-util0 libxcb-render0
+              libxcb-shape0 libxcb-util1 libxcb-xkb1 libxkbcommon-x11-0)
+# The tests also run an X server with a tray, a second VNC server, a key presser and the validators
+# of the .desktop and AppStream files.
+[ "$mode" = test ] && apt_packages+=(xvfb xauth trayer xdotool tigervnc-standalone-server appstream
+                                     desktop-file-utils)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -35,7 +42,7 @@ extras=""
 .venv/bin/pip install -q --disable-pip-version-check -e ".$extras"
 
 # Live checkpoints need userfaultfd, which Debian/Ubuntu deny ordinary users.
-if [ "$(id -u)" -ne 0 ] && [ "$mode" = demo ] \
+if [ "$(id -u)" -ne 0 ] && [ "$mode" = run ] \
    && [ "$(cat /proc/sys/vm/unprivileged_userfaultfd 2>/dev/null || echo 0)" != 1 ]; then
     echo "Live checkpoints need userfaultfd, which this system allows only to root."
     echo "Installing /etc/sysctl.d/60-session-manager.conf (vm.unprivileged_userfaultfd=1) with sudo;"
@@ -47,4 +54,12 @@ fi
 if [ "$mode" = test ]; then
     exec .venv/bin/python -m pytest -ra tests
 fi
-exec .venv/bin/session-manager demo
+# The demo session when there is none yet, then the app (headless: the session runs and the CLI drives it).
+if [ "$(.venv/bin/session-manager list --json)" = "[]" ]; then
+    .venv/bin/session-manager demo
+fi
+if [ -z "${DISPLAY:-}${WAYLAND_DISPLAY:-}" ]; then
+    echo "No display here: the session runs headless; use .venv/bin/session-manager (see --help)."
+    exec .venv/bin/session-manager list
+fi
+exec .venv/bin/session-manager

@@ -207,7 +207,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="session-manager", description="Your desktop in a QEMU VM that can never be lost.")
+    p = _Parser(prog="session-manager", description="Your desktop in a QEMU VM that can never be lost. "
+                "Without a command, starts the desktop app (or brings its window forward).")
     p.add_argument("--home", help=f"keep all data, state and sockets under DIR (or set {HOME_ENV})", metavar="DIR")
     p.add_argument("-v", "--verbose", action="store_true", help="also print the log")
     p.add_argument("--version", action="version", version=f"session-manager {__version__}")
@@ -291,13 +292,14 @@ def _setup_logging(home: Home, verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return 0
     try:
         cli = Cli(args)
         _setup_logging(cli.engine.home, args.verbose)
         log.info("session-manager %s", " ".join(sys.argv[1:]))
+        if not args.command:  # the desktop app
+            from .app import run
+
+            return run(cli.engine.home)
         getattr(cli, args.command)()
         return 0
     except SessionManagerError as e:

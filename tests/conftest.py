@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # widget tests need no display; Xvfb tests set their own
 
 ROOT = Path(__file__).resolve().parent.parent
 GUEST_CACHE = Path(os.environ.get("SM_TEST_CACHE", ROOT / ".cache")) / "testguest"
@@ -33,7 +36,7 @@ class Run:
     stdout: str
     stderr: str
 
-    def json(self):  # noqa: ANN201
+    def json(self):
         return json.loads(self.stdout)
 
 
@@ -61,7 +64,7 @@ class Sm:
     def popen_until(self, log_line: str, *args: str, timeout: float = 60) -> subprocess.Popen[str]:
         """Start a command and return once it has written ``log_line`` to the log (once more than before)."""
         log = self.home / "state" / "session-manager.log"
-        count = lambda: log.read_text().count(log_line) if log.exists() else 0  # noqa: E731
+        count = lambda: log.read_text().count(log_line) if log.exists() else 0
         seen = count()
         proc = self.popen(*args)
         deadline = time.monotonic() + timeout
@@ -120,7 +123,7 @@ class Serial:
         return self.text().rfind("--- session-manager:")
 
     def counters(self, since: int = 0) -> list[int]:
-        return [int(n) for n in re.findall(r"^counter (\d+)\r?$", self.text(since), re.M)]
+        return [int(n) for n in re.findall(r"^counter (\d+)\r?$", self.text(since), re.MULTILINE)]
 
     def wait_counter(self, at_least: int, since: int = 0, timeout: float = 120) -> int:
         deadline = time.monotonic() + timeout
@@ -135,8 +138,69 @@ class Serial:
     def wait_for(self, pattern: str, since: int = 0, timeout: float = 120) -> re.Match[str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            m = re.search(pattern, self.text(since), re.M)
+            m = re.search(pattern, self.text(since), re.MULTILINE)
             if m:
                 return m
             time.sleep(0.2)
         raise AssertionError(f"{pattern!r} did not appear within {timeout} s:\n{self.text(since)[-2000:]}")
+
+
+@pytest.fixture
+def aloop(qapp):
+    """An asyncio loop running on Qt's event loop (qasync), as in the app: ``aloop.run_until_complete(coro)``."""
+    import asyncio
+
+    import qasync
+
+    loop = qasync.QEventLoop(qapp, already_running=False)
+    asyncio.set_event_loop(loop)
+    yield loop
+    loop.close()
+    asyncio.set_event_loop(None)
+
+
+# --- an X server --------------------------------------------------------------------------------
+
+@dataclass
+class Xvfb:
+    display: str         # ":N"
+    env: dict[str, str]  # os.environ with DISPLAY=:N and QT_QPA_PLATFORM=xcb
+
+    def xdotool(self, *args: str) -> None:
+        subprocess.run(["xdotool", *args], env=self.env, check=True, timeout=10)
+
+
+@pytest.fixture
+def xvfb(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Xvfb]:
+    """A fresh Xvfb on a free display number (Xvfb picks it: -displayfd), killed afterwards.
+
+    The screen is 1024x768 unless the test is marked ``@pytest.mark.xvfb_screen("WxHxD")``."""
+    marker = request.node.get_closest_marker("xvfb_screen")
+    screen = marker.args[0] if marker else "1024x768x24"
+    log = tmp_path_factory.mktemp("xvfb") / "xvfb.log"
+    read_end, write_end = os.pipe()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(["Xvfb", "-displayfd", str(write_end), "-screen", "0", screen,
+                                 "-nolisten", "tcp"], pass_fds=(write_end,), stdout=out, stderr=out)
+    os.close(write_end)
+    try:
+        number = b""
+        deadline = time.monotonic() + 20
+        while not number.endswith(b"\n"):
+            ready, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(read_end, 16) if ready else b""
+            if not chunk:
+                raise AssertionError(f"Xvfb did not start: {log.read_text()}")
+            number += chunk
+        display = ":" + number.decode().strip()
+        assert Path(f"/tmp/.X11-unix/X{display[1:]}").exists()
+        env = {k: v for k, v in os.environ.items() if k not in ("WAYLAND_DISPLAY", "XAUTHORITY")}
+        yield Xvfb(display, {**env, "DISPLAY": display, "QT_QPA_PLATFORM": "xcb"})
+    finally:
+        os.close(read_end)
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

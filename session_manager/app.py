@@ -1,0 +1,226 @@
+"""The tray application: ``session-manager`` with no subcommand.
+
+One instance per home: a second start asks the first (over a unix socket in the
+0700 runtime directory) to bring its window forward, then exits.  Quitting the
+app leaves the session's QEMU running; the next start reconnects to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from PySide6.QtCore import QObject, Signal
+from PySide6.QtGui import QIcon
+from PySide6.QtNetwork import QLocalServer, QLocalSocket
+from PySide6.QtWidgets import QApplication, QDialog, QMessageBox, QSystemTrayIcon
+
+from .engine import Engine
+from .errors import SessionManagerError
+from .paths import Home
+from .resources import APP_ID, icon_path
+from .services.session import SessionService
+from .settings import Settings
+from .ui.dialogs import confirm_restore
+from .ui.firstrun import FirstRunDialog, NewSession
+from .ui.hotkey import GlobalHotkey
+from .ui.settings_dialog import SettingsDialog
+from .ui.tray import Tray
+from .ui.window import SessionWindow, TimelineWindow
+
+log = logging.getLogger(__name__)
+
+
+class SingleInstance(QObject):
+    """Claims the app's socket, or tells the instance holding it to show itself."""
+
+    raiseRequested = Signal()
+
+    def __init__(self, home: Home) -> None:
+        super().__init__()
+        self.path = str(home.runtime / "app.sock")
+        self.server = QLocalServer(self)
+        self.server.newConnection.connect(self._connection)
+
+    def claim(self) -> bool:
+        other = QLocalSocket()
+        other.connectToServer(self.path)
+        if other.waitForConnected(1000):
+            other.write(b"raise\n")
+            other.waitForBytesWritten(1000)
+            other.disconnectFromServer()
+            return False
+        QLocalServer.removeServer(self.path)  # a stale socket from an app that died
+        if not self.server.listen(self.path):
+            raise SessionManagerError(f"Cannot listen on {self.path}: {self.server.errorString()}; check the "
+                                      "runtime directory's permissions.")
+        return True
+
+    def _connection(self) -> None:
+        while (conn := self.server.nextPendingConnection()) is not None:
+            conn.readyRead.connect(lambda c=conn: self._read(c))
+
+    def _read(self, conn: QLocalSocket) -> None:
+        if bytes(conn.readAll().data()).startswith(b"raise"):
+            log.info("another start asked for the window")
+            self.raiseRequested.emit()
+        conn.disconnectFromServer()
+
+
+class App(QObject):
+    """Wires one session's service to its windows, the tray, the shortcut and the settings."""
+
+    def __init__(self, engine: Engine, name: str, settings: Settings) -> None:
+        super().__init__()
+        self.engine, self.settings = engine, settings
+        self.service = SessionService(engine, name, self)
+        self.window = SessionWindow(self.service)
+        self.timeline = TimelineWindow(self.service)
+        self.hotkey = GlobalHotkey(self)
+        self.tray = Tray(self.service, settings.checkpoint_shortcut, self) \
+            if QSystemTrayIcon.isSystemTrayAvailable() else None
+        self.finished: asyncio.Future[None] = asyncio.get_event_loop().create_future()
+
+        self.window.restoreRequested.connect(self.request_restore)
+        self.window.timelineRequested.connect(self.show_timeline)
+        self.window.settingsRequested.connect(self.show_settings)
+        self.window.closed.connect(self._window_closed)
+        self.window.viewer.shortcutPressed.connect(lambda _: self.service.checkpoint_now())
+        self.timeline.restoreRequested.connect(self.request_restore)
+        self.hotkey.activated.connect(lambda: self.service.checkpoint_now())
+        if self.tray:
+            self.tray.openRequested.connect(self.show_window)
+            self.tray.timelineRequested.connect(self.show_timeline)
+            self.tray.settingsRequested.connect(self.show_settings)
+            self.tray.restoreRequested.connect(self.request_restore)
+            self.tray.shutDownRequested.connect(self.window.shut_down_action.trigger)
+            self.tray.quitRequested.connect(self.quit)
+            self.tray.show()
+        self.apply_settings()
+
+    def apply_settings(self) -> None:
+        s = self.settings
+        self.window.viewer.set_shortcuts([s.checkpoint_shortcut])
+        self.window.grab_action.setChecked(s.keyboard_grab)
+        self.window.viewer.set_scaled(s.scale == "fit")
+        try:
+            self.hotkey.register(s.checkpoint_shortcut)
+        except SessionManagerError as e:
+            self.service.failed.emit(str(e))
+        log.info("checkpoint shortcut %s: %s", s.checkpoint_shortcut, self.hotkey.reason)
+        if self.tray:
+            self.tray.shortcut = s.checkpoint_shortcut
+            self.tray.notifications = s.show_notifications
+
+    def show_window(self) -> None:
+        self.window.show()
+        self.window.raise_()
+        self.window.activateWindow()
+
+    def show_timeline(self) -> None:
+        self.service.reload_checkpoints()
+        first = not self.timeline.isVisible()
+        self.timeline.show()
+        if first:
+            self.timeline.view.zoom_to_fit()
+        self.timeline.raise_()
+        self.timeline.activateWindow()
+
+    def show_settings(self) -> None:
+        dialog = SettingsDialog(self.settings, self.hotkey.reason, self.window)
+        if dialog.exec() == QDialog.DialogCode.Accepted:
+            self.settings = dialog.settings()
+            self.settings.save(self.engine.home)
+            self.apply_settings()
+
+    def request_restore(self, ckpt_id: str) -> None:
+        """Every way of rolling back (drop, double-click, menus) ends here: confirm, then restore."""
+        try:
+            info = self.engine.repo.get(ckpt_id)
+        except SessionManagerError as e:
+            self.service.failed.emit(str(e))
+            return
+        go, ask_again = confirm_restore(self.window, info, self.settings.confirm_restore)
+        if ask_again != self.settings.confirm_restore:
+            self.settings.confirm_restore = ask_again
+            self.settings.save(self.engine.home)
+        if go:
+            self.service.restore(ckpt_id)
+
+    def _window_closed(self) -> None:
+        if self.tray is None:  # no tray to come back from: closing the window quits (the session runs on)
+            self.quit()
+
+    def quit(self) -> None:
+        self.hotkey.unregister()
+        self.window.viewer.disconnect_()
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+
+def _first_run(engine: Engine) -> tuple[str, NewSession | None] | None:
+    dialog = FirstRunDialog()
+    if dialog.exec() != QDialog.DialogCode.Accepted or dialog.choice is None:
+        return None
+    return dialog.choice, dialog.new_session
+
+
+async def _create(engine: Engine, choice: str, new: NewSession | None) -> str:
+    if choice == "demo" or new is None:
+        status = await engine.demo()
+        return status.name
+    kind: dict[str, Any] = {"iso": new.image} if new.is_iso else {"disk": new.image}
+    engine.new_session(new.name, memory_mib=new.memory_mib, cpus=new.cpus, disk_size=new.disk_gib << 30, **kind)
+    await engine.start(new.name)
+    return new.name
+
+
+def run(home: Home, session: str | None = None) -> int:
+    import qasync
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    assert isinstance(app, QApplication)
+    app.setApplicationName("Session Manager")
+    app.setDesktopFileName(APP_ID)
+    app.setWindowIcon(QIcon(str(icon_path("session-manager"))))
+    app.setQuitOnLastWindowClosed(False)
+    instance = SingleInstance(home)
+    if not instance.claim():
+        print("Session Manager is already running; its window was brought forward.")
+        return 0
+    engine = Engine(home)
+    settings = Settings.load(home)
+    names = [s.name for s in engine.sessions()]
+    name = session or (settings.session if settings.session in names else names[0] if names else None)
+    first = None
+    if name is None:
+        first = _first_run(engine)
+        if first is None:
+            return 0
+    loop = qasync.QEventLoop(app)
+    asyncio.set_event_loop(loop)
+
+    async def main() -> str | None:
+        """Runs until the user quits; returns why it could not start, if it could not."""
+        nonlocal name
+        if first is not None:
+            try:
+                name = await _create(engine, *first)
+            except SessionManagerError as e:
+                return str(e)
+        assert name is not None
+        controller = App(engine, engine.session(name).name, settings)
+        instance.raiseRequested.connect(controller.show_window)
+        controller.show_window()
+        await controller.finished
+        await controller.window.viewer.wait_closed()
+        return None
+
+    with loop:
+        error = loop.run_until_complete(main())
+    if error:
+        QMessageBox.critical(None, "Session Manager", error)
+        raise SessionManagerError(error)
+    return 0

@@ -1,0 +1,216 @@
+"""One session as the app sees it: its state, its checkpoints, and the operations on it.
+
+Widgets never call the engine or QEMU: they call these methods and listen to the
+signals.  Each operation runs as an asyncio task on Qt's loop (qasync); the
+engine keeps hashing, compression and I/O in worker threads, and reports
+progress from them, which Qt delivers to the UI thread as queued signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QObject, QTimer, Signal
+
+from ..engine import Engine, Status
+from ..errors import SessionManagerError
+from ..store.repo import CheckpointInfo
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 1000
+
+
+class State(str, Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    CHECKPOINTING = "checkpointing"
+    RESTORING = "restoring"
+    STOPPING = "stopping"
+    EXPORTING = "exporting"
+
+
+class Cancelled(SessionManagerError):
+    """The user cancelled an operation that can be cancelled safely."""
+
+
+class SessionService(QObject):
+    stateChanged = Signal(str)  # a State value
+    checkpointsChanged = Signal()  # read .checkpoints and .head
+    progressChanged = Signal(str, float)  # what, fraction 0..1 or -1 when unknown; ("", 1.0) when idle
+    checkpointTaken = Signal(object)  # CheckpointInfo
+    restored = Signal(object)  # CheckpointInfo restored to
+    failed = Signal(str)  # one sentence for the user
+    info = Signal(str)  # one sentence for the user
+
+    def __init__(self, engine: Engine, name: str, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.engine = engine
+        self.name = name
+        self.state = State.STOPPED
+        self.status: Status | None = None
+        self.checkpoints: list[CheckpointInfo] = []
+        self.head: str | None = None
+        self.error: str | None = None  # the last operation's failure, until an operation succeeds
+        self._op: asyncio.Task[Any] | None = None
+        self._cancel = False
+        self._poll = QTimer(self, interval=POLL_MS, timeout=self._check_process)
+        self._poll.start()
+        self._check_process()
+        self.reload_checkpoints()
+
+    # -- what the widgets read ----------------------------------------------------------
+    @property
+    def vnc_socket(self) -> Path:
+        return self.engine.sockets(self.engine.session(self.name)).vnc
+
+    @property
+    def busy(self) -> bool:
+        return self._op is not None and not self._op.done()
+
+    @property
+    def can_cancel(self) -> bool:
+        """Only an export can be stopped midway without leaving QEMU or the repository half-changed."""
+        return self.busy and self.state == State.EXPORTING
+
+    def thumbnail(self, ckpt_id: str) -> bytes | None:
+        try:
+            return self.engine.repo.thumbnail(ckpt_id)
+        except SessionManagerError:
+            return None
+
+    def latest(self, count: int) -> list[CheckpointInfo]:
+        return sorted(self.checkpoints, key=lambda c: c.created, reverse=True)[:count]
+
+    # -- operations -------------------------------------------------------------------------
+    def checkpoint_now(self, note: str = "") -> asyncio.Task[Any] | None:
+        async def run() -> None:
+            info = await self.engine.checkpoint(self.name, note, progress=self._progress)
+            self.checkpointTaken.emit(info)
+
+        return self._run(State.CHECKPOINTING, run)
+
+    def restore(self, ckpt_id: str) -> asyncio.Task[Any] | None:
+        async def run() -> None:
+            await self.engine.restore(self.name, ckpt_id, progress=self._progress)
+            self.restored.emit(self.engine.repo.get(ckpt_id))
+
+        return self._run(State.RESTORING, run)
+
+    def start(self) -> asyncio.Task[Any] | None:
+        return self._run(State.STARTING, lambda: self.engine.start(self.name))
+
+    def suspend(self) -> asyncio.Task[Any] | None:
+        """Checkpoint and stop; the next start resumes exactly here."""
+        async def run() -> None:
+            self._progress("Saving the session", -1)
+            await self.engine.stop(self.name, save=True)
+
+        return self._run(State.STOPPING, run)
+
+    def shut_down(self) -> asyncio.Task[Any] | None:
+        """Checkpoint (so nothing is lost), then switch the machine off; the next start boots afresh."""
+        async def run() -> None:
+            await self.engine.checkpoint(self.name, "before shut down", kind="stop", progress=self._progress)
+            await self.engine.stop(self.name, save=False)
+
+        return self._run(State.STOPPING, run)
+
+    def export(self, ckpt_id: str, out_dir: Path) -> asyncio.Task[Any] | None:
+        def progress(what: str, fraction: float) -> None:
+            if self._cancel:
+                raise Cancelled("Export cancelled; no files were left behind.")
+            self._progress(what, fraction)
+
+        async def run() -> None:
+            argv = await asyncio.to_thread(self.engine.export, self.name, ckpt_id, out_dir, progress)
+            self.info.emit(f"Exported to {out_dir}; stock QEMU resumes it with: {' '.join(argv)}")
+
+        return self._run(State.EXPORTING, run)
+
+    def cancel(self) -> None:
+        if self.can_cancel:
+            self._cancel = True
+
+    def set_note(self, ckpt_id: str, note: str) -> None:
+        self._edit(lambda: self.engine.repo.annotate(ckpt_id, note=note))
+
+    def set_pinned(self, ckpt_id: str, pinned: bool) -> None:
+        self._edit(lambda: self.engine.repo.annotate(ckpt_id, pinned=pinned))
+
+    def delete(self, ckpt_id: str) -> None:
+        state = self.engine.session(self.name).load_state()
+        if ckpt_id in (state.head, state.saved):
+            self.failed.emit("This checkpoint is what the session runs from or resumes to, so it cannot be deleted.")
+            return
+        self._edit(lambda: self.engine.repo.delete_checkpoint(ckpt_id))
+
+    def reload_checkpoints(self) -> None:
+        try:
+            self.checkpoints = self.engine.checkpoints(self.name)
+            self.head = self.engine.session(self.name).load_state().head
+        except SessionManagerError as e:
+            self.failed.emit(str(e))
+            return
+        self.checkpointsChanged.emit()
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _run(self, state: State, work: Callable[[], Awaitable[Any]]) -> asyncio.Task[Any] | None:
+        if self.busy:
+            self.failed.emit(f"The session is busy {self.state.value}; try again when it has finished.")
+            return None
+        self._cancel = False
+        self._set_state(state)
+        self._op = asyncio.ensure_future(self._guard(work()))
+        return self._op
+
+    async def _guard(self, work: Awaitable[Any]) -> None:
+        try:
+            await work
+            self.error = None
+        except SessionManagerError as e:
+            log.warning("%s: %s", self.name, e)
+            self._fail(str(e))
+        except Exception as e:  # a bug: say so rather than leave the app half-working
+            log.exception("%s failed", self.name)
+            self._fail(f"Unexpected error: {e}; details are in the log.")
+        finally:
+            self._op = None
+            self.progressChanged.emit("", 1.0)
+            self._check_process()
+            self.reload_checkpoints()
+
+    def _edit(self, change: Callable[[], object]) -> None:
+        try:
+            change()
+        except SessionManagerError as e:
+            self.failed.emit(str(e))
+        self.reload_checkpoints()
+
+    def _fail(self, message: str) -> None:
+        self.error = message
+        self.failed.emit(message)
+
+    def _progress(self, what: str, fraction: float) -> None:
+        self.progressChanged.emit(what, fraction)  # from worker threads too: Qt queues it to the UI thread
+
+    def _check_process(self) -> None:
+        if self.busy:
+            return
+        try:
+            pid = self.engine.sockets(self.engine.session(self.name)).pid()
+        except SessionManagerError:
+            pid = None
+        self._set_state(State.RUNNING if pid is not None else State.STOPPED)
+
+    def _set_state(self, state: State) -> None:
+        if state != self.state:
+            self.state = state
+            self.stateChanged.emit(state.value)
+

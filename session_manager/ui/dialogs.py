@@ -1,0 +1,58 @@
+"""Confirmations that say exactly what will happen (virt-manager's rule), and small formatting helpers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from PySide6.QtWidgets import QCheckBox, QMessageBox, QWidget
+
+from ..store.repo import CheckpointInfo
+
+
+def size_text(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 10 else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def pause_text(ms: float) -> str:
+    return f"{ms / 1000:.1f} s" if ms >= 1000 else f"{ms:.0f} ms" if ms >= 1 else "<1 ms"
+
+
+def when(info: CheckpointInfo) -> str:
+    """A checkpoint's local time, with the date only when it is not today."""
+    at = info.created_at.astimezone()
+    return f"{at:%H:%M}" if at.date() == datetime.now().astimezone().date() else f"{at.day} {at:%b %Y %H:%M}"
+
+
+def describe(info: CheckpointInfo) -> str:
+    note = f" ({info.note})" if info.note else ""
+    return f"the checkpoint of {when(info)}{note}"
+
+
+def confirm_restore(parent: QWidget | None, info: CheckpointInfo, ask: bool) -> tuple[bool, bool]:
+    """Ask before rolling back; returns (go ahead, ask again next time)."""
+    if not ask:
+        return True, False
+    box = QMessageBox(QMessageBox.Icon.Question, "Roll back the session?",
+                      f"Roll the session back to {describe(info)}?", parent=parent)
+    box.setInformativeText("The current state is checkpointed first, so nothing is lost: it stays on the "
+                           "timeline and you can come back to it.")
+    box.addButton("Roll back", QMessageBox.ButtonRole.AcceptRole)
+    box.addButton(QMessageBox.StandardButton.Cancel)
+    dont_ask = QCheckBox("Don't ask again")
+    box.setCheckBox(dont_ask)
+    box.exec()
+    accepted = box.buttonRole(box.clickedButton()) == QMessageBox.ButtonRole.AcceptRole
+    return accepted, not (accepted and dont_ask.isChecked())
+
+
+def confirm_shut_down(parent: QWidget | None, name: str) -> bool:
+    answer = QMessageBox.question(
+        parent, "Shut down the session?",
+        f"Shut down {name}? Its state is checkpointed first and stays on the timeline; the next start boots "
+        "the machine afresh. (Suspend instead resumes exactly where you are.)",
+        QMessageBox.StandardButton.Ok | QMessageBox.StandardButton.Cancel)
+    return answer == QMessageBox.StandardButton.Ok

@@ -1,0 +1,122 @@
+"""First run: no session yet, so offer the demo or a new session from an ISO or a disk image."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QDialog,
+    QDialogButtonBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+
+@dataclass
+class NewSession:
+    name: str
+    image: Path  # an ISO to install from, or a disk image to run (used read-only, as a backing file)
+    memory_mib: int
+    cpus: int
+    disk_gib: int  # for an ISO install: the size of the new disk
+
+    @property
+    def is_iso(self) -> bool:
+        return self.image.suffix.lower() == ".iso"
+
+
+def default_memory_mib() -> int:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    return max(1024, min(8192, total // 4 // 512 * 512))
+
+
+class NewSessionDialog(QDialog):
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("New session")
+        form = QFormLayout(self)
+        self.name = QLineEdit("desktop")
+        self.image = QLineEdit(placeholderText="an installer .iso, or a disk image (.qcow2, .img, .raw)")
+        browse = QPushButton("Browse…", clicked=self._browse)
+        row = QHBoxLayout()
+        row.addWidget(self.image, 1)
+        row.addWidget(browse)
+        self.memory = QSpinBox(minimum=256, maximum=262144, singleStep=512, suffix=" MiB", value=default_memory_mib())
+        self.cpus = QSpinBox(minimum=1, maximum=os.cpu_count() or 1, value=min(4, os.cpu_count() or 1))
+        self.disk = QSpinBox(minimum=1, maximum=16384, suffix=" GiB", value=32)
+        self.error = QLabel(wordWrap=True)
+        self.error.setStyleSheet("color: #c0392b;")
+        form.addRow("Name", self.name)
+        form.addRow("Install from or run", row)
+        form.addRow("Memory", self.memory)
+        form.addRow("Processors", self.cpus)
+        form.addRow("Disk (for an install)", self.disk)
+        form.addRow(self.error)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Create and start")
+        buttons.accepted.connect(self._check)
+        buttons.rejected.connect(self.reject)
+        form.addRow(buttons)
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Installer ISO or disk image", str(Path.home()),
+                                              "Images (*.iso *.qcow2 *.img *.raw *.vmdk *.vdi);;All files (*)")
+        if path:
+            self.image.setText(path)
+
+    def _check(self) -> None:
+        image = Path(self.image.text().strip()).expanduser()
+        if not self.name.text().strip():
+            self.error.setText("Give the session a name.")
+        elif not image.is_file():
+            self.error.setText("Choose an existing ISO or disk image file.")
+        else:
+            self.accept()
+
+    def result_session(self) -> NewSession:
+        return NewSession(self.name.text().strip(), Path(self.image.text().strip()).expanduser(),
+                          self.memory.value(), self.cpus.value(), self.disk.value())
+
+
+class FirstRunDialog(QDialog):
+    """Returns (via .choice) "demo", "new" (then .new_session) or None."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Welcome to Session Manager")
+        self.choice: str | None = None
+        self.new_session: NewSession | None = None
+        layout = QVBoxLayout(self)
+        text = QLabel(
+            "<h2>Your desktop, never lost</h2>"
+            "<p>Session Manager runs a whole desktop in a virtual machine, checkpoints it live every few "
+            "minutes or when you press the shortcut, and lets you roll back to any checkpoint.</p>"
+            "<p>You have no session yet.</p>", wordWrap=True, textFormat=Qt.TextFormat.RichText)
+        layout.addWidget(text)
+        demo = QPushButton("Try the demo session", clicked=lambda: self._choose("demo"))
+        demo.setToolTip("A tiny machine that counts on its screen: checkpoint it, let it count, roll it back.")
+        new = QPushButton("New session from an ISO or a disk image…", clicked=self._new)
+        for button in (demo, new):
+            button.setMinimumHeight(40)
+            layout.addWidget(button)
+        layout.addWidget(QPushButton("Not now", clicked=self.reject))
+
+    def _choose(self, choice: str) -> None:
+        self.choice = choice
+        self.accept()
+
+    def _new(self) -> None:
+        dialog = NewSessionDialog(self)
+        if dialog.exec() == QDialog.DialogCode.Accepted:
+            self.new_session = dialog.result_session()
+            self._choose("new")

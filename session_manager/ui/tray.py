@@ -1,0 +1,112 @@
+"""The tray icon: the session's state at a glance and a menu rebuilt from live state each time it opens."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QObject, Signal
+from PySide6.QtGui import QIcon
+from PySide6.QtWidgets import QMenu, QSystemTrayIcon
+
+from ..resources import icon_path
+from ..services.session import SessionService, State
+from ..store.repo import CheckpointInfo
+from .dialogs import pause_text, size_text, when
+
+ROLLBACK_ITEMS = 10
+BUSY = (State.STARTING, State.CHECKPOINTING, State.RESTORING, State.STOPPING, State.EXPORTING)
+
+
+def icon_name(service: SessionService) -> str:
+    if service.state in BUSY:
+        return "tray-checkpointing"
+    if service.error:
+        return "tray-error"
+    return "tray-running" if service.state == State.RUNNING else "tray-stopped"
+
+
+def checkpoint_label(info: CheckpointInfo) -> str:
+    kind = info.meta.get("kind", "manual")
+    extra = {"autosave": " · autosave", "stop": " · saved on stop", "pre-restore": " · before a restore"}.get(kind, "")
+    return f"{when(info)}{' — ' + info.note if info.note else ''}{extra}"
+
+
+class Tray(QObject):
+    """Owns the QSystemTrayIcon; asks the app (through signals) for anything that opens a window."""
+
+    openRequested = Signal()
+    timelineRequested = Signal()
+    settingsRequested = Signal()
+    restoreRequested = Signal(str)
+    shutDownRequested = Signal()
+    quitRequested = Signal()
+
+    def __init__(self, service: SessionService, shortcut: str, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.service = service
+        self.shortcut = shortcut
+        self.notifications = True
+        self.menu = QMenu()
+        self.menu.aboutToShow.connect(self.rebuild)
+        self.icon = QSystemTrayIcon(self)
+        self.icon.setContextMenu(self.menu)
+        self.icon.activated.connect(self._activated)
+        service.stateChanged.connect(self.refresh)
+        service.progressChanged.connect(self._progress)
+        service.checkpointTaken.connect(self._checkpoint_taken)
+        service.failed.connect(self._failed)
+        self.rebuild()
+        self.refresh()
+
+    def show(self) -> None:
+        self.icon.show()
+
+    def refresh(self) -> None:
+        self.icon.setIcon(QIcon(str(icon_path(icon_name(self.service)))))
+        latest = self.service.latest(1)
+        last = f"; last checkpoint {when(latest[0])}" if latest else ""
+        self.icon.setToolTip(f"Session Manager — {self.service.name}: {self.service.state.value}{last}")
+
+    def rebuild(self) -> None:
+        """Fill the menu from the session's state now (called each time it opens)."""
+        s, menu = self.service, self.menu
+        running, idle = s.state == State.RUNNING, not s.busy
+        menu.clear()
+        menu.addAction(f"Open {s.name}", self.openRequested.emit)
+        menu.addAction(f"Checkpoint now\t{self.shortcut}", lambda: s.checkpoint_now()).setEnabled(running and idle)
+        rollback = menu.addMenu("Roll back to")
+        for info in s.latest(ROLLBACK_ITEMS):
+            action = rollback.addAction(checkpoint_label(info), lambda i=info.id: self.restoreRequested.emit(i))
+            action.setToolTip(f"paused {pause_text(info.meta.get('pause_ms', 0))}, {size_text(info.added_bytes)} stored")
+        rollback.setEnabled(bool(s.checkpoints) and idle)
+        menu.addAction("Timeline…", self.timelineRequested.emit)
+        menu.addSeparator()
+        menu.addAction("Start session", lambda: s.start()).setEnabled(s.state == State.STOPPED)
+        menu.addAction("Suspend session", lambda: s.suspend()).setEnabled(running and idle)
+        menu.addAction("Shut down session", self.shutDownRequested.emit).setEnabled(running and idle)
+        migrate = menu.addAction("Migrate to…")
+        migrate.setEnabled(False)
+        migrate.setToolTip("No paired machines yet.")
+        menu.addSeparator()
+        menu.addAction("Settings…", self.settingsRequested.emit)
+        menu.addAction("Quit (the session keeps running)" if running else "Quit", self.quitRequested.emit)
+
+    def _activated(self, reason: QSystemTrayIcon.ActivationReason) -> None:
+        if reason == QSystemTrayIcon.ActivationReason.Trigger:
+            self.openRequested.emit()
+
+    def _progress(self, what: str, fraction: float) -> None:
+        self.refresh()
+        if what:
+            done = f" {fraction:.0%}" if fraction >= 0 else ""
+            self.icon.setToolTip(f"Session Manager — {self.service.name}: {what}{done}")
+
+    def _checkpoint_taken(self, info: CheckpointInfo) -> None:
+        self.refresh()
+        if self.notifications:
+            self.icon.showMessage("Checkpoint taken",
+                                  f"{self.service.name} paused {pause_text(info.meta.get('pause_ms', 0))}; "
+                                  f"{size_text(info.added_bytes)} stored.",
+                                  QSystemTrayIcon.MessageIcon.Information, 4000)
+
+    def _failed(self, message: str) -> None:
+        self.refresh()
+        self.icon.showMessage("Session Manager", message, QSystemTrayIcon.MessageIcon.Critical, 10000)

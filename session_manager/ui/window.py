@@ -1,0 +1,211 @@
+"""The session window (the embedded viewer, the session's controls, progress) and the timeline window."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QByteArray, QPropertyAnimation, Qt, Signal
+from PySide6.QtGui import (
+    QAction,
+    QCloseEvent,
+    QDragEnterEvent,
+    QDropEvent,
+    QKeySequence,
+)
+from PySide6.QtWidgets import (
+    QGraphicsOpacityEffect,
+    QLabel,
+    QMainWindow,
+    QProgressBar,
+    QPushButton,
+    QStackedWidget,
+    QToolBar,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..services.session import SessionService, State
+from ..store.repo import CheckpointInfo
+from .dialogs import confirm_shut_down, pause_text, size_text, when
+from .timeline import TimelineView, checkpoint_from_mime
+from .viewer import VncViewer
+
+
+class SessionWindow(QMainWindow):
+    """The user's desktop: the viewer fills the window; checkpoints dropped on it roll the session back."""
+
+    restoreRequested = Signal(str)  # a checkpoint id dropped here; the app confirms and restores
+    timelineRequested = Signal()
+    settingsRequested = Signal()
+    closed = Signal()
+
+    def __init__(self, service: SessionService) -> None:
+        super().__init__()
+        self.service = service
+        self.setWindowTitle(f"{service.name} — Session Manager")
+        self.setAcceptDrops(True)
+        self.resize(1040, 860)
+
+        self.viewer = VncViewer()
+        self.stopped_page = self._stopped_page()
+        self.pages = QStackedWidget()
+        self.pages.addWidget(self.viewer)
+        self.pages.addWidget(self.stopped_page)
+        self.setCentralWidget(self.pages)
+        self._flash = self._flash_overlay()
+
+        bar = QToolBar("Session", self)
+        bar.setMovable(False)
+        bar.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.addToolBar(bar)
+        self.checkpoint_action = bar.addAction("Checkpoint now", lambda: service.checkpoint_now())
+        bar.addAction("Timeline…", self.timelineRequested.emit)
+        bar.addSeparator()
+        self.cad_action = bar.addAction("Ctrl+Alt+Del", self.viewer.send_ctrl_alt_del)
+        self.grab_action = bar.addAction("Grab keyboard")
+        self.grab_action.setCheckable(True)
+        self.grab_action.toggled.connect(self.viewer.set_keyboard_grab)
+        self.viewer.keyboardGrabbed.connect(self.grab_action.setChecked)
+        self.full_action = QAction("Full screen", self, checkable=True, shortcut=QKeySequence("F11"))
+        self.full_action.toggled.connect(self._full_screen)
+        bar.addAction(self.full_action)
+        bar.addSeparator()
+        self.suspend_action = bar.addAction("Suspend", lambda: service.suspend())
+        self.shut_down_action = bar.addAction("Shut down", self._shut_down)
+        bar.addAction("Settings…", self.settingsRequested.emit)
+
+        self.state_label = QLabel()
+        self.progress = QProgressBar(maximumWidth=260, textVisible=True)
+        self.cancel_button = QPushButton("Cancel", clicked=service.cancel)
+        self.statusBar().addWidget(self.state_label, 1)
+        self.statusBar().addPermanentWidget(self.progress)
+        self.statusBar().addPermanentWidget(self.cancel_button)
+        self.progress.hide()
+        self.cancel_button.hide()
+
+        service.stateChanged.connect(self._state_changed)
+        service.progressChanged.connect(self._progress_changed)
+        service.checkpointTaken.connect(self._checkpoint_taken)
+        service.failed.connect(lambda message: self.statusBar().showMessage(message, 15000))
+        service.info.connect(lambda message: self.statusBar().showMessage(message, 15000))
+        self._state_changed(service.state.value)
+
+    # -- pages ------------------------------------------------------------------------------
+    def _stopped_page(self) -> QWidget:
+        page = QWidget()
+        page.setStyleSheet("background: #202428; color: #e8e8e8;")
+        layout = QVBoxLayout(page)
+        layout.addStretch()
+        self.stopped_text = QLabel(alignment=Qt.AlignmentFlag.AlignCenter, wordWrap=True)
+        self.stopped_text.setStyleSheet("font-size: 15pt;")
+        layout.addWidget(self.stopped_text)
+        self.start_button = QPushButton("Start the session", clicked=lambda: self.service.start())
+        self.start_button.setStyleSheet("font-size: 13pt; padding: 8px 24px; background: #2d7d46; color: white;")
+        layout.addWidget(self.start_button, 0, Qt.AlignmentFlag.AlignCenter)
+        layout.addStretch()
+        return page
+
+    def _flash_overlay(self) -> QWidget:
+        flash = QWidget(self.viewer)
+        flash.setStyleSheet("background: white;")
+        flash.setAttribute(Qt.WidgetAttribute.WA_TransparentForMouseEvents)
+        effect = QGraphicsOpacityEffect(flash, opacity=0.0)
+        flash.setGraphicsEffect(effect)
+        self._flash_animation = QPropertyAnimation(effect, QByteArray(b"opacity"), self, duration=450,
+                                                   startValue=0.7, endValue=0.0)
+        self._flash_animation.finished.connect(flash.hide)
+        flash.hide()
+        return flash
+
+    def flash(self) -> None:
+        """A camera-like flash over the picture: the checkpoint was taken."""
+        self._flash.setGeometry(self.viewer.rect())
+        self._flash.show()
+        self._flash.raise_()
+        self._flash_animation.start()
+
+    # -- reacting to the service ---------------------------------------------------------------
+    def _state_changed(self, value: str) -> None:
+        state = State(value)
+        running = state not in (State.STOPPED, State.STARTING)
+        if running:
+            self.viewer.connect_to(str(self.service.vnc_socket))
+            self.pages.setCurrentWidget(self.viewer)
+        else:
+            self.viewer.disconnect_()
+            self.pages.setCurrentWidget(self.stopped_page)
+            self.stopped_text.setText("Starting the session…" if state == State.STARTING else
+                                      f"{self.service.name} is not running.\nStart it to carry on where it was "
+                                      "suspended, or roll back to a checkpoint from the timeline.")
+        self.start_button.setEnabled(state == State.STOPPED)
+        for action in (self.checkpoint_action, self.suspend_action, self.shut_down_action):
+            action.setEnabled(state == State.RUNNING)
+        self.state_label.setText(f"{self.service.name}: {value}")
+
+    def _progress_changed(self, what: str, fraction: float) -> None:
+        idle = not what
+        self.progress.setVisible(not idle)
+        self.cancel_button.setVisible(not idle and self.service.can_cancel)
+        if idle:
+            return
+        if fraction < 0:
+            self.progress.setRange(0, 0)
+        else:
+            self.progress.setRange(0, 1000)
+            self.progress.setValue(int(fraction * 1000))
+        self.progress.setFormat(f"{what} %p%" if fraction >= 0 else what)
+        self.state_label.setText(f"{self.service.name}: {what}…")
+
+    def _checkpoint_taken(self, info: CheckpointInfo) -> None:
+        self.flash()
+        self.statusBar().showMessage(
+            f"Checkpoint taken at {when(info)}: the session paused {pause_text(info.meta.get('pause_ms', 0))}, "
+            f"{size_text(info.added_bytes)} stored", 15000)
+
+    def _shut_down(self) -> None:
+        if confirm_shut_down(self, self.service.name):
+            self.service.shut_down()
+
+    def _full_screen(self, on: bool) -> None:
+        for bar in self.findChildren(QToolBar):
+            bar.setVisible(not on)
+        self.statusBar().setVisible(not on)
+        self.showFullScreen() if on else self.showNormal()
+
+    # -- drag a checkpoint here to roll back -----------------------------------------------------
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
+        if checkpoint_from_mime(event.mimeData()) and self.service.state == State.RUNNING:
+            event.acceptProposedAction()
+
+    def dropEvent(self, event: QDropEvent) -> None:
+        ckpt = checkpoint_from_mime(event.mimeData())
+        if ckpt:
+            event.acceptProposedAction()
+            self.restoreRequested.emit(ckpt)
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        self.closed.emit()
+        super().closeEvent(event)
+
+
+class TimelineWindow(QMainWindow):
+    """The session's checkpoints on a time axis; restores go through the app's confirmation."""
+
+    restoreRequested = Signal(str)
+
+    def __init__(self, service: SessionService) -> None:
+        super().__init__()
+        self.service = service
+        self.setWindowTitle(f"Timeline of {service.name} — Session Manager")
+        self.resize(1100, 520)
+        self.view = TimelineView()
+        self.view.set_thumbnail_loader(service.thumbnail)
+        self.setCentralWidget(self.view)
+        self.view.restoreRequested.connect(self.restoreRequested)
+        self.view.checkpointRequested.connect(lambda: service.checkpoint_now())
+        self.view.noteEdited.connect(service.set_note)
+        self.view.pinToggled.connect(service.set_pinned)
+        self.view.deleteRequested.connect(service.delete)
+        service.checkpointsChanged.connect(self.reload)
+        self.reload()
+
+    def reload(self) -> None:
+        self.view.set_checkpoints(self.service.checkpoints, self.service.head)

@@ -1,0 +1,166 @@
+"""The desktop app with a real session: the shortcut checkpoints, dropping a checkpoint rolls back, one instance."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PySide6.QtCore import QMimeData, QPointF, Qt
+from PySide6.QtGui import QDropEvent
+from PySide6.QtWidgets import QMessageBox, QPushButton
+
+from session_manager.app import App
+from session_manager.engine import Engine
+from session_manager.paths import Home
+from session_manager.services.session import State
+from session_manager.settings import Settings
+from session_manager.ui.firstrun import FirstRunDialog, NewSessionDialog
+from session_manager.ui.timeline import MIME_CHECKPOINT
+from session_manager.ui.tray import Tray
+
+from conftest import ROOT, Sm
+
+
+async def until(condition: Callable[[], object], timeout: float = 120, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached in {timeout} s")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def confirmations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Answer every confirmation with its accepting button, recording what it said."""
+    said: list[str] = []
+
+    def exec_(box: QMessageBox) -> int:
+        said.append(f"{box.text()} {box.informativeText()}")
+        accept = next(b for b in box.buttons() if box.buttonRole(b) == QMessageBox.ButtonRole.AcceptRole)
+        accept.click()
+        return 0
+
+    monkeypatch.setattr(QMessageBox, "exec", exec_)
+    return said
+
+
+@pytest.mark.qemu
+def test_shortcut_checkpoints_and_dropping_it_rolls_back(sm: Sm, guest: tuple[Path, Path], aloop, qtbot,  # noqa: ANN001
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         confirmations: list[str]) -> None:
+    monkeypatch.setenv("SESSION_MANAGER_ACCEL", "tcg")
+    sm.new_guest("desk", guest)
+    sm("start", "desk")
+    serial = sm.serial("desk")
+    serial.wait_counter(3)
+    app = App(Engine(Home.locate(sm.home)), "desk", Settings())
+    window, service = app.window, app.service
+    qtbot.addWidget(window)
+    qtbot.addWidget(app.timeline)
+    window.show()
+    assert service.state == State.RUNNING
+
+    async def scenario() -> None:
+        await until(lambda: window.viewer.is_connected(), 30, "the viewer connecting")
+        with qtbot.waitSignal(service.checkpointTaken, timeout=120_000) as taken:
+            qtbot.keyClick(window.viewer, Qt.Key.Key_S, Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.AltModifier)
+            await until(lambda: taken.signal_triggered, 120, "the checkpoint")
+        ckpt = taken.args[0]
+        at = serial.counters()[-1]
+        assert "Checkpoint taken" in window.statusBar().currentMessage()
+        await until(lambda: not service.busy, 30, "the checkpoint finishing")
+        assert [c.id for c in service.checkpoints] == [ckpt.id]
+
+        # The tray menu, rebuilt when opened, offers it for rolling back.
+        tray = Tray(service, "Ctrl+Alt+S")
+        tray.rebuild()
+        rollback = next(a for a in tray.menu.actions() if a.text() == "Roll back to").menu()
+        assert len(rollback.actions()) == 1 and rollback.isEnabled()
+
+        await until(lambda: serial.counters()[-1] >= at + 5, 60, "the guest counting on")
+        before = serial.counters()[-1]
+        mime = QMimeData()
+        mime.setData(MIME_CHECKPOINT, ckpt.id.encode())
+        drop = QDropEvent(QPointF(300, 300), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                          Qt.KeyboardModifier.NoModifier)
+        with qtbot.waitSignal(service.restored, timeout=120_000) as restored:
+            window.dropEvent(drop)
+            await until(lambda: restored.signal_triggered, 120, "the restore")
+        assert "checkpointed first" in confirmations[-1]
+        start = serial.last_start()
+        await until(lambda: len(serial.counters(start)) >= 2, 60, "the guest counting after the restore")
+        after = serial.counters(start)[0]
+        assert ckpt.meta["kind"] == "manual"
+        assert after <= at + 2 < before, (at, before, after)
+        await until(lambda: not service.busy, 30, "the restore finishing")
+        kinds = sorted(c.meta["kind"] for c in service.checkpoints)
+        assert kinds == ["manual", "pre-restore"]  # the replaced state was kept
+        assert service.head == ckpt.id
+        await until(lambda: window.viewer.is_connected(), 30, "the viewer reconnecting after the restore")
+
+    aloop.run_until_complete(scenario())
+    assert "key s" not in serial.text()  # the shortcut went to the app, not to the guest
+    app.quit()
+
+
+def test_tray_menu_of_a_stopped_session(sm: Sm, guest: tuple[Path, Path], aloop, qtbot) -> None:  # noqa: ANN001
+    sm.new_guest("idle", guest)
+    app = App(Engine(Home.locate(sm.home)), "idle", Settings())
+    qtbot.addWidget(app.window)
+    tray = Tray(app.service, "Ctrl+Alt+S")
+    tray.rebuild()
+    enabled = {a.text().split("\t")[0]: a.isEnabled() for a in tray.menu.actions() if a.text()}
+    assert enabled["Start session"] and not enabled["Checkpoint now"] and not enabled["Suspend session"]
+    assert not enabled["Roll back to"]
+    assert "stopped" in tray.icon.toolTip()
+    app.window.show()
+    assert app.window.pages.currentWidget() is app.window.stopped_page
+    assert app.window.start_button.isEnabled()
+    app.quit()
+
+
+def test_first_run_offers_the_demo_and_checks_a_new_session(qtbot, tmp_path: Path) -> None:  # noqa: ANN001
+    dialog = FirstRunDialog()
+    qtbot.addWidget(dialog)
+    demo = next(b for b in dialog.findChildren(QPushButton) if b.text() == "Try the demo session")
+    demo.click()
+    assert dialog.choice == "demo"
+
+    new = NewSessionDialog()
+    qtbot.addWidget(new)
+    new.image.setText(str(tmp_path / "missing.iso"))
+    new._check()
+    assert new.error.text() == "Choose an existing ISO or disk image file."
+    (tmp_path / "debian.iso").write_bytes(b"\0" * 4096)
+    new.image.setText(str(tmp_path / "debian.iso"))
+    new._check()
+    assert new.result() == NewSessionDialog.DialogCode.Accepted
+    assert new.result_session().is_iso
+
+
+def test_second_start_brings_the_first_forward(sm: Sm, guest: tuple[Path, Path]) -> None:
+    sm.new_guest("one", guest)
+    env = {**sm.env, "QT_QPA_PLATFORM": "offscreen"}
+    first = subprocess.Popen(sm.argv(), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        log = sm.home / "state" / "session-manager.log"
+        deadline = time.monotonic() + 60
+        while not (sm.home / "run" / "app.sock").exists():
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the app never listened"
+            time.sleep(0.1)
+        second = subprocess.run(sm.argv(), env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 0, second.stderr
+        assert "already running" in second.stdout
+        deadline = time.monotonic() + 10
+        while "another start asked for the window" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert first.poll() is None
+    finally:
+        first.terminate()
+        first.communicate(timeout=30)
