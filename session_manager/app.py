@@ -28,7 +28,7 @@ from .ui.firstrun import FirstRunDialog, NewSession
 from .ui.hotkey import GlobalHotkey
 from .ui.settings_dialog import SettingsDialog
 from .ui.tray import Tray
-from .ui.window import SessionWindow, TimelineWindow
+from .ui.window import FULL_SCREEN, SessionWindow, TimelineWindow
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class App(QObject):
         self.window.timelineRequested.connect(self.show_timeline)
         self.window.settingsRequested.connect(self.show_settings)
         self.window.closed.connect(self._window_closed)
-        self.window.viewer.shortcutPressed.connect(lambda _: self.service.checkpoint_now())
+        self.window.viewer.shortcutPressed.connect(self._viewer_shortcut)
         self.timeline.restoreRequested.connect(self.request_restore)
         self.hotkey.activated.connect(lambda: self.service.checkpoint_now())
         if self.tray:
@@ -102,7 +102,7 @@ class App(QObject):
 
     def apply_settings(self) -> None:
         s = self.settings
-        self.window.viewer.set_shortcuts([s.checkpoint_shortcut])
+        self.window.viewer.set_shortcuts([s.checkpoint_shortcut, FULL_SCREEN])
         self.window.grab_action.setChecked(s.keyboard_grab)
         self.window.viewer.set_scaled(s.scale == "fit")
         try:
@@ -113,6 +113,12 @@ class App(QObject):
         if self.tray:
             self.tray.shortcut = s.checkpoint_shortcut
             self.tray.notifications = s.show_notifications
+
+    def _viewer_shortcut(self, sequence: str) -> None:
+        if sequence == FULL_SCREEN:
+            self.window.full_action.toggle()
+        else:
+            self.service.checkpoint_now()
 
     def show_window(self) -> None:
         self.window.show()

@@ -11,6 +11,7 @@ Boot it with e.g.
 
     qemu-system-x86_64 -accel tcg -m 256 -machine q35 -vga std -display none \\
         -serial stdio -kernel OUTDIR/vmlinuz -initrd OUTDIR/initrd.img \\
+        -device qemu-xhci -device usb-tablet \\
         -append "console=ttyS0 quiet sm.fill=64 sm.dirty=4 sm.window=32" \\
         [-drive if=none,id=d0,file=disk.qcow2,format=qcow2 -device virtio-blk-pci,drive=d0]
 
@@ -20,15 +21,27 @@ Kernel command line keys read by /init (all sizes in MiB, all default 0):
     sm.window=W   ... cycling through a W MiB tmpfs file (default W = M)
 
 Serial console protocol (/dev/ttyS0, one whole line per write):
-    ready                      workload started; printed once, before the first counter
+    ready                      workload started and the USB tablet (if any) opened; printed
+                               once, before the first counter
     disk ok N                  sector N-1 held "seq N-1", sector N was empty, "seq N" now written
     disk-mismatch at N: ...    that check failed (the record is written anyway)
     counter N                  once a second, N = 1, 2, ...; printed after sector N was written
     key X / key #C             a key typed on the VGA console: printable char, else its code
+    pointer X Y                the USB tablet's position changed: raw coordinates 0..32767
+    click X Y                  its left button went down (after the report's pointer line)
+    no USB tablet              an xHCI controller is there, but no tablet showed up within 30 s
+    mode WxH                   `M` typed: the display now shows a W x H framebuffer
+    paint on / paint off       `P` typed (after `M`): the full-frame painter started / stopped
 
 With a virtio disk (/dev/vda) sector N holds "seq N\\n" zero-padded to 512
 bytes; a reboot with an old disk continues after the last record. The VGA
 text console (tty0) shows the counter in big digits.
+
+`M` loads the std VGA's DRM driver (bochs) with the kernel's built-in 1024x768
+EDID: the display switches from 720x400 text to a 1024x768 32-bit framebuffer
+(/dev/fb0), and the console with its big digits moves onto it. `P` then
+toggles a painter that writes two random full frames to /dev/fb0 in turn, as
+fast as it can; the console still redraws the whole screen once a second.
 """
 from __future__ import annotations
 
@@ -41,12 +54,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 from .errors import SessionManagerError
 
-WANTED_MODULES = ["virtio", "virtio_ring", "virtio_pci", "virtio_pci_modern_dev",
-                  "virtio_pci_legacy_dev", "virtio_blk"]
+# Loaded at boot: the disk, and the USB tablet as an evdev device.
+BOOT_MODULES = ["virtio", "virtio_ring", "virtio_pci", "virtio_pci_modern_dev",
+                "virtio_pci_legacy_dev", "virtio_blk", "xhci_pci", "usbhid", "hid_generic", "evdev"]
+# Loaded when `M` is typed: the std VGA's DRM driver, whose fbdev emulation makes /dev/fb0.
+DISPLAY_MODULES = ["bochs"]
+# QEMU's EDID prefers 1280x800; the kernel's built-in 1024x768 EDID replaces it.
+MODULE_PARAMS = {"drm": "edid_firmware=edid/1024x768.bin"}
 
 INIT = r"""#!/bin/sh
 mount -t proc proc /proc
@@ -66,9 +85,12 @@ for arg in $(cat /proc/cmdline); do
 done
 [ "$WINDOW" -lt "$DIRTY" ] && WINDOW=$DIRTY
 
-for m in $(cat /etc/modules); do
-    insmod /lib/modules/$m.ko || echo "insmod $m failed"
-done
+load_modules() {
+    while read -r m params; do
+        insmod /lib/modules/$m.ko $params || echo "insmod $m failed"
+    done <$1
+}
+load_modules /etc/modules
 
 mkdir -p /dev/shm
 mount -t tmpfs -o size=$((FILL + WINDOW + 4))m shm /dev/shm
@@ -87,9 +109,48 @@ if [ "$DIRTY" -gt 0 ]; then
     ) &
 fi
 
-# Key echo: one byte at a time from the VGA console's keyboard.
+# The USB tablet's event device, once it is there.
+tablet() {
+    for f in /sys/class/input/event*/device/name; do
+        case $(cat $f 2>/dev/null) in
+            *Tablet*) f=${f%/device/name}; echo /dev/input/${f##*/}; return ;;
+        esac
+    done
+}
+
+# Pointer echo: struct input_event is 24 bytes; od prints it as 12 u16 words. dd
+# passes on each read() at once (od alone would hold its output back in a buffer).
+if grep -qx 0x0c0330 /sys/bus/pci/devices/*/class; then  # an xHCI controller
+    t=0
+    while [ -z "$(tablet)" ] && [ $t -lt 300 ]; do sleep 0.1; t=$((t + 1)); done
+    TABLET=$(tablet)
+    [ -n "$TABLET" ] || echo "no USB tablet"
+fi
+if [ -n "$TABLET" ]; then
+    exec 3<$TABLET  # opened before `ready`: from now on the guest polls the tablet
+    while :; do
+        dd bs=2400 count=1 2>/dev/null | od -An -v -tu2 -w24
+    done <&3 | awk -f /etc/pointer.awk &
+    exec 3<&-
+fi
+
+# Full-frame painter: two random frames, written to the framebuffer in turn.
+paint() {
+    h=$(cut -d, -f2 /sys/class/graphics/fb0/virtual_size)
+    stride=$(cat /sys/class/graphics/fb0/stride)
+    for f in 1 2; do
+        [ -e /tmp/frame$f ] || dd if=/dev/urandom of=/tmp/frame$f bs=$stride count=$h 2>/dev/null
+    done
+    while :; do
+        cat /tmp/frame1 >/dev/fb0
+        cat /tmp/frame2 >/dev/fb0
+    done
+}
+
+# Key echo: one byte at a time from the VGA console's keyboard; M and P act.
 (
     stty -F /dev/tty0 -icanon -echo -icrnl -isig
+    PAINTER=
     while :; do
         IFS= read -r -n 1 c
         code=10
@@ -98,6 +159,20 @@ fi
             echo "key $c"
         else
             echo "key #$code"
+        fi
+        if [ "$c" = M ] && [ ! -e /dev/fb0 ]; then
+            load_modules /etc/modules.display
+            while [ ! -e /sys/class/graphics/fb0/virtual_size ]; do sleep 0.1; done
+            size=$(cat /sys/class/graphics/fb0/virtual_size)
+            echo "mode ${size%,*}x${size#*,}"
+        elif [ "$c" = P ] && [ -z "$PAINTER" ] && [ -e /dev/fb0 ]; then
+            paint &
+            PAINTER=$!
+            echo "paint on"
+        elif [ "$c" = P ] && [ -n "$PAINTER" ]; then
+            kill $PAINTER
+            PAINTER=
+            echo "paint off"
         fi
     done </dev/tty0
 ) &
@@ -159,6 +234,19 @@ BEGIN { e = k + 1 }
     else if ($1 >= at) exit
 }
 END { print (e - 1) (e - k - 1 == 2048 ? " more" : "") }
+"""
+
+# Input: `od -tu2` of struct input_event, 12 words: timeval (8 words), type, code, value (low,
+# high word). The values used here (0..32767, 0/1) fit in the low word.
+POINTER_AWK = r"""
+$9 == 3 && $10 == 0 { x = $11; moved = 1 }
+$9 == 3 && $10 == 1 { y = $11; moved = 1 }
+$9 == 1 && $10 == 272 && $11 == 1 { click = 1 }
+$9 == 0 && $10 == 0 {
+    if (moved) print "pointer " x + 0 " " y + 0
+    if (click) print "click " x + 0 " " y + 0
+    moved = click = 0
+}
 """
 
 # Draws n in a scaled 5x7 font of reverse-video cells on an 80x25 text screen.
@@ -266,10 +354,13 @@ def read_module(path: Path) -> bytes:
     return data
 
 
-def collect_modules(moddir: Path) -> list[tuple[str, bytes]]:
-    """The wanted modules that this kernel builds as modules, plus dependencies, in load order."""
+def collect_modules(moddir: Path, wanted: list[str], loaded: Collection[str] = ()) -> list[tuple[str, bytes]]:
+    """The wanted modules that this kernel builds as modules, plus dependencies, in load order.
+
+    Modules named in ``loaded`` (loaded already) are left out.
+    """
     available = {module_name(p): p for p in (moddir / "kernel").rglob("*.ko*")}
-    ordered: dict[str, bytes] = {}
+    ordered: dict[str, bytes] = dict.fromkeys(loaded, b"")
 
     def visit(name: str) -> None:
         if name in ordered:
@@ -279,10 +370,10 @@ def collect_modules(moddir: Path) -> list[tuple[str, bytes]]:
             visit(dep)
         ordered[name] = data
 
-    for name in WANTED_MODULES:
+    for name in wanted:
         if name in available:  # otherwise built in, or absent from this kernel
             visit(name)
-    return list(ordered.items())
+    return [(name, data) for name, data in ordered.items() if name not in loaded]
 
 
 def up_to_date(outputs: list[Path]) -> bool:
@@ -306,7 +397,8 @@ def build(outdir: Path) -> tuple[Path, Path]:
         run("dpkg-deb", "-x", str(bdeb), str(root / "b"))
         (vmlinuz,) = (root / "k/boot").glob("vmlinuz-*")
         (moddir,) = (root / "k/lib/modules").iterdir()
-        modules = collect_modules(moddir)
+        modules = collect_modules(moddir, BOOT_MODULES)
+        display_modules = collect_modules(moddir, DISPLAY_MODULES, [name for name, _ in modules])
         busybox = root / "b/bin/busybox"
         applets = run(str(busybox), "--list-full").split()
 
@@ -319,15 +411,17 @@ def build(outdir: Path) -> tuple[Path, Path]:
         for applet in applets:
             if applet != "bin/busybox":
                 cpio.symlink(applet, "/bin/busybox")
-        for name, data in modules:
+        for name, data in modules + display_modules:
             cpio.file(f"lib/modules/{name}.ko", data)
-        cpio.file("etc/modules", "".join(f"{name}\n" for name, _ in modules).encode())
+        for listing, mods in [("etc/modules", modules), ("etc/modules.display", display_modules)]:
+            cpio.file(listing, "".join(f"{name} {MODULE_PARAMS.get(name, '')}\n" for name, _ in mods).encode())
+        cpio.file("etc/pointer.awk", POINTER_AWK.encode())
         cpio.file("etc/lastrecord.awk", LASTRECORD_AWK.encode())
         cpio.file("etc/bigdigits.awk", BIGDIGITS_AWK.encode())
         cpio.file("init", INIT.encode(), 0o755)
 
         tmp_initrd = root / "initrd.img"
-        tmp_initrd.write_bytes(gzip.compress(cpio.finish(), compresslevel=9, mtime=0))
+        tmp_initrd.write_bytes(gzip.compress(cpio.finish(), compresslevel=6, mtime=0))
         shutil.copyfile(vmlinuz, root / "vmlinuz")
         os.replace(root / "vmlinuz", kernel)
         os.replace(tmp_initrd, initrd)

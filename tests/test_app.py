@@ -50,7 +50,7 @@ def confirmations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 @pytest.mark.qemu
 def test_shortcut_checkpoints_and_dropping_it_rolls_back(sm: Sm, guest: tuple[Path, Path], aloop, qtbot,  # noqa: ANN001
-                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                          confirmations: list[str]) -> None:
     monkeypatch.setenv("SESSION_MANAGER_ACCEL", "tcg")
     sm.new_guest("desk", guest)
@@ -101,6 +101,22 @@ def test_shortcut_checkpoints_and_dropping_it_rolls_back(sm: Sm, guest: tuple[Pa
         assert kinds == ["manual", "pre-restore"]  # the replaced state was kept
         assert service.head == ckpt.id
         await until(lambda: window.viewer.is_connected(), 30, "the viewer reconnecting after the restore")
+
+        # Export shows progress and can be cancelled without leaving files behind.
+        progress: list[str] = []
+        service.progressChanged.connect(lambda what, _: progress.append(what))
+        with qtbot.waitSignal(service.info, timeout=120_000) as exported:
+            service.export(ckpt.id, tmp_path / "out")
+            await until(lambda: exported.signal_triggered, 120, "the export")
+        assert "Exporting memory" in progress and "stock QEMU resumes it with" in exported.args[0]
+        assert len(list((tmp_path / "out").iterdir())) == 2
+        with qtbot.waitSignal(service.failed, timeout=60_000) as cancelled:
+            service.export(ckpt.id, tmp_path / "cancelled")
+            assert service.can_cancel
+            service.cancel()
+            await until(lambda: cancelled.signal_triggered, 60, "the cancel")
+        assert cancelled.args[0] == "Export cancelled; no files were left behind."
+        assert not list((tmp_path / "cancelled").glob("*"))
 
     aloop.run_until_complete(scenario())
     assert "key s" not in serial.text()  # the shortcut went to the app, not to the guest

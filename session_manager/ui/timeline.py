@@ -66,13 +66,13 @@ from .dialogs import pause_text, size_text, when
 MIME_CHECKPOINT = "application/x-session-manager-checkpoint"
 NOW = ""  # the lane key of the "now" marker (the running session), a virtual child of the head
 
-MIN_ZOOM, MAX_ZOOM, DEFAULT_ZOOM = 15.0, 14 * 86400.0, 600.0  # seconds per 100 px
+MIN_ZOOM, MAX_ZOOM, DEFAULT_ZOOM = 1.0, 14 * 86400.0, 600.0  # seconds per 100 px
 AXIS_H, LANE_H, BASE_Y, STEM = 24, 148, 14, 10
 MARGIN_L, MARGIN_R, NOW_GAP, CARD_GAP = 80, 50, 90, 14
 PREVIEW_W = 480
 LANE_COLORS = ("#3b82f6", "#a855f7", "#10b981", "#f59e0b", "#ef4444", "#06b6d4")
 NOW_COLOR = QColor("#16a34a")
-TICKS = (60, 120, 300, 600, 900, 1800, 3600, 7200, 3 * 3600, 6 * 3600, 12 * 3600,
+TICKS = (5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 3 * 3600, 6 * 3600, 12 * 3600,
          86400, 2 * 86400, 7 * 86400, 14 * 86400, 28 * 86400)
 KIND_BADGES = {"pre-restore": "before restore", "stop": "at stop"}
 KIND_NAMES = {"manual": "Manual checkpoint", "autosave": "Autosave", "stop": "Saved when the session stopped",
@@ -171,6 +171,7 @@ class TimelineView(QWidget):
     noteEdited = Signal(str, str)
     pinToggled = Signal(str, bool)
     deleteRequested = Signal(str)
+    exportRequested = Signal(str)  # id: write it out for a stock QEMU
     checkpointRequested = Signal()
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -230,6 +231,7 @@ class TimelineView(QWidget):
         menu.addAction("Restore", lambda: self.restoreRequested.emit(ckpt_id))
         menu.addAction("Edit note…", lambda: self.edit_note(ckpt_id))
         menu.addAction("Unpin" if info.pinned else "Pin", lambda: self.pinToggled.emit(ckpt_id, not info.pinned))
+        menu.addAction("Export for stock QEMU…", lambda: self.exportRequested.emit(ckpt_id))
         menu.addSeparator()
         menu.addAction("Delete…", lambda: self.delete(ckpt_id))
         return menu
@@ -660,7 +662,7 @@ class _Canvas(QAbstractScrollArea):
         for ts in times:
             at = datetime.fromtimestamp(ts)
             major = step < 86400 and at.hour == 0 and at.minute == 0
-            label = f"{at:%H:%M}" if step < 86400 and not major else f"{at:%a} {at.day} {at:%b}" \
+            label = f"{at:%H:%M:%S}" if step < 60 else f"{at:%H:%M}" if step < 86400 and not major else f"{at:%a} {at.day} {at:%b}" \
                 if step < 7 * 86400 else f"{at.day} {at:%b}"
             out.append((self._vx(self._x_of(ts)), label, major))
         return step, out

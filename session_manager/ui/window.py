@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from PySide6.QtCore import QByteArray, QPropertyAnimation, Qt, Signal
 from PySide6.QtGui import (
     QAction,
@@ -11,6 +13,7 @@ from PySide6.QtGui import (
     QKeySequence,
 )
 from PySide6.QtWidgets import (
+    QFileDialog,
     QGraphicsOpacityEffect,
     QLabel,
     QMainWindow,
@@ -27,6 +30,9 @@ from ..store.repo import CheckpointInfo
 from .dialogs import confirm_shut_down, pause_text, size_text, when
 from .timeline import TimelineView, checkpoint_from_mime
 from .viewer import VncViewer
+
+
+FULL_SCREEN = "Shift+F11"  # as remote-viewer: plain F11 belongs to the guest
 
 
 class SessionWindow(QMainWindow):
@@ -64,7 +70,7 @@ class SessionWindow(QMainWindow):
         self.grab_action.setCheckable(True)
         self.grab_action.toggled.connect(self.viewer.set_keyboard_grab)
         self.viewer.keyboardGrabbed.connect(self.grab_action.setChecked)
-        self.full_action = QAction("Full screen", self, checkable=True, shortcut=QKeySequence("F11"))
+        self.full_action = QAction("Full screen", self, checkable=True, shortcut=QKeySequence(FULL_SCREEN))
         self.full_action.toggled.connect(self._full_screen)
         bar.addAction(self.full_action)
         bar.addSeparator()
@@ -204,8 +210,14 @@ class TimelineWindow(QMainWindow):
         self.view.noteEdited.connect(service.set_note)
         self.view.pinToggled.connect(service.set_pinned)
         self.view.deleteRequested.connect(service.delete)
+        self.view.exportRequested.connect(self._export)
         service.checkpointsChanged.connect(self.reload)
         self.reload()
 
     def reload(self) -> None:
         self.view.set_checkpoints(self.service.checkpoints, self.service.head)
+
+    def _export(self, ckpt_id: str) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Export the checkpoint to a folder", str(Path.home()))
+        if folder:
+            self.service.export(ckpt_id, Path(folder))
