@@ -14,6 +14,7 @@ import logging
 import os
 import shlex
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,12 +22,12 @@ from typing import Any
 
 from .errors import NotFoundError, QemuError, SessionManagerError, UsageError
 from .paths import Home
-from .sessions import Session, SessionConfig, list_sessions
+from .sessions import Session, SessionConfig, SessionState, list_sessions
 from .store.repo import CheckpointInfo, Repository
 from .vm import disk as vdisk
 from .vm.machine import Machine, RunState, Sockets, launch, wait_exit
 from .vm.qemu import Accel, choose_accelerator, command_line, find_qemu, machine_type
-from .vm.snapshot import Capture, capture, live_supported, load
+from .vm.snapshot import Capture, capture, live_supported, load, merge_layers
 from .vm.stream import REGION_SHIFT, Segment, iter_segments, running_on_load
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ DEMO_APPEND = "console=ttyS0 sm.fill=64 sm.dirty=1 sm.window=16"
 SERIAL_MARK = "--- session-manager:"
 ACCEL_ENV = "SESSION_MANAGER_ACCEL"  # "kvm" or "tcg": skip the probe
 LOCK_TIMEOUT = 600.0
+MAX_CHAIN = 8  # disk layers in the running chain before the newest frozen ones are merged
+DISK_FILES = ("layer-", "restored-")
 UFFD_ADVICE = (
     "Live checkpoints are unavailable because this kernel denies userfaultfd to ordinary users "
     "(vm.unprivileged_userfaultfd=0); allow it with `echo vm.unprivileged_userfaultfd=1 | sudo tee "
@@ -315,24 +318,79 @@ class Engine:
             cap, _ = await capture(m, session.disks, lambda read: w.add_memory(memory(iter_segments(read))),
                                    switched, live)
             progress("Saving disk changes", -1)
-            await asyncio.to_thread(self._ingest_disk, w, session, cap.frozen_layer, state.head)
+            await asyncio.to_thread(self._ingest_disk, w, session, cap.frozen_layer, _layer_of(state, state.head))
             if thumbnail:
                 w.set_thumbnail(thumbnail)
             info = w.commit(self._meta(cap, note, kind, config))
         state.head = info.id
+        state.layers[cap.frozen_layer] = info.id
         session.save_state(state)
+        await self._tidy_disk(session, m, state)
         log.info("checkpoint %s of %s: pause %.1f ms (%s), %.2f s", info.id, session.name, cap.pause_ms,
                  "live" if cap.live else "stop-and-copy", cap.wall_s)
         return info
 
-    def _ingest_disk(self, w: Any, session: Session, frozen: str, parent: str | None) -> None:
+    def _ingest_disk(self, w: Any, session: Session, frozen: str, parent_layer: tuple[str, str] | None) -> None:
+        """Store the frozen disk: only what changed since the parent checkpoint when its disk file is here."""
         with vdisk.ChainReader(session.layer_path(frozen)) as reader:
-            depth = None
-            with contextlib.suppress(NotFoundError):  # a forgotten parent: store the whole disk
-                layer = self.repo.get(parent).meta.get("disk_layer") if parent else None
-                if layer:
-                    depth = reader.depth_of(session.layer_path(layer))
-            w.add_disk(reader.size, reader.chunks_above(depth), parent if depth is not None else None)
+            depth = reader.depth_of(session.layer_path(parent_layer[0])) if parent_layer else None
+            changed = 0
+
+            def counted() -> Iterator[tuple[int, bytes]]:
+                nonlocal changed
+                for chunk in reader.chunks_above(depth):
+                    changed += 1
+                    yield chunk
+
+            w.add_disk(reader.size, counted(), parent_layer[1] if depth is not None else None)
+        log.info("disk of %s: %s", session.name, f"{changed} chunks changed since {parent_layer[1][:8]}"
+                 if parent_layer and depth is not None else f"stored whole ({changed} chunks with data)")
+
+    async def _tidy_disk(self, session: Session, m: Machine, state: SessionState) -> None:
+        """Keep the disk chain short and drop disk files nothing needs.
+
+        Each checkpoint adds a layer; past MAX_CHAIN layers the newest frozen layers are merged
+        (live block-commit) into the lowest layer that no other file or branch depends on, which
+        then holds the newest one's disk.  Files that back nothing, are not running, and hold no
+        existing checkpoint's disk (a forgotten one, the abandoned top of a branch) are deleted.
+        """
+        def backing() -> dict[str, str | None]:
+            return {p.name: vdisk.backing_of(p) for p in session.disks.iterdir() if p.name.startswith(DISK_FILES)}
+
+        files = backing()
+        uses = Counter(b for b in files.values() if b)
+        chain = [state.active_layer]
+        while (below := files.get(chain[-1])) in files:
+            assert below is not None
+            chain.append(below)
+        if len(chain) > MAX_CHAIN:
+            j = 1
+            while j + 1 < len(chain) and uses[chain[j + 1]] == 1 and chain[j + 1].endswith(".qcow2"):
+                j += 1
+            if j >= 2:
+                top, base = chain[1], chain[j]
+                await merge_layers(m, state.active_layer, top, base)
+                merged = state.layers.pop(top, None)
+                for layer in chain[1:j + 1]:
+                    state.layers.pop(layer, None)
+                if merged:
+                    state.layers[base] = merged
+                session.save_state(state)
+                for layer in chain[1:j]:
+                    session.layer_path(layer).unlink()
+                log.info("merged %d disk layers of %s into %s", j - 1, session.name, base)
+                files = backing()
+        kept = {c.id for c in self.repo.checkpoints(session=session.name)}
+        while True:
+            uses = Counter(b for b in files.values() if b)
+            garbage = [f for f in files if not uses[f] and f != state.active_layer and state.layers.get(f) not in kept]
+            if not garbage:
+                break
+            for f in garbage:
+                session.layer_path(f).unlink()
+                state.layers.pop(f, None)
+                del files[f]
+        session.save_state(state)
 
     @staticmethod
     def _meta(cap: Capture, note: str, kind: str, config: SessionConfig) -> dict[str, Any]:
@@ -397,7 +455,7 @@ class Engine:
                     state.saved = before.id
                     session.save_state(state)
                 await m.quit()
-        top = self._layer_for(session, ckpt)
+        top = self._layer_for(session, state, ckpt)
         state.active_layer = top.name
         session.save_state(state)
         await self._launch(session, config, top, f"restore of checkpoint {ckpt.id}", incoming=True)
@@ -419,16 +477,18 @@ class Engine:
         log.info("restored %s to %s: stream loaded in %.2f s", session.name, ckpt.id, seconds)
         return before
 
-    def _layer_for(self, session: Session, ckpt: CheckpointInfo) -> Path:
-        """A new overlay on the checkpoint's disk: its frozen layer if still here, else rebuilt from the repository."""
-        frozen = session.layer_path(ckpt.meta.get("disk_layer", ""))
+    def _layer_for(self, session: Session, state: SessionState, ckpt: CheckpointInfo) -> Path:
+        """A new overlay on the checkpoint's disk: its file if still here, else rebuilt from the repository."""
         size = self.repo.disk_size(ckpt)
-        if ckpt.meta.get("disk_layer") and frozen.is_file():
-            backing, fmt = frozen, "qcow2"
+        local = _layer_of(state, ckpt.id)
+        if local and session.layer_path(local[0]).is_file():
+            backing = session.layer_path(local[0])
+            fmt = "qcow2" if backing.suffix == ".qcow2" else "raw"
         else:
             backing, fmt = session.disks / f"restored-{ckpt.id[:16]}.raw", "raw"
             if not backing.exists():
                 vdisk.write_raw(backing, size, self.repo.disk_chunks(ckpt))
+            state.layers[backing.name] = ckpt.id
         top = session.layer_path(vdisk.new_layer_name())
         vdisk.create_overlay(top, backing, fmt, size)
         return top
@@ -497,6 +557,11 @@ class Engine:
             yield
         finally:
             os.close(fd)
+
+
+def _layer_of(state: SessionState, ckpt_id: str | None) -> tuple[str, str] | None:
+    """(file name, checkpoint id) of the local disk file holding a checkpoint's disk, if there is one."""
+    return next(((name, c) for name, c in state.layers.items() if c == ckpt_id), None) if ckpt_id else None
 
 
 def _standalone(argv: list[str], stream: Path) -> list[str]:

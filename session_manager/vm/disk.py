@@ -11,6 +11,7 @@ import bisect
 import json
 import os
 import secrets
+import struct
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +48,19 @@ def create_overlay(path: Path, backing: Path, backing_format: str, size: int) ->
 
 def create_blank(path: Path, size: int) -> None:
     qemu_img("create", "-q", "-f", "qcow2", str(path), str(size))
+
+
+def backing_of(path: Path) -> str | None:
+    """The backing file name recorded in a qcow2 header (None for a raw file or no backing)."""
+    with open(path, "rb") as f:
+        header = f.read(20)
+        if len(header) < 20 or header[:4] != b"QFI\xfb":
+            return None
+        offset, size = struct.unpack(">QI", header[8:20])
+        if not offset:
+            return None
+        f.seek(offset)
+        return f.read(size).decode()
 
 
 def chain(top: Path) -> list[Path]:

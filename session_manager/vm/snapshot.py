@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import subprocess
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..errors import QemuError
 from .disk import create_overlay, image_info, new_layer_name
@@ -36,6 +37,7 @@ from .machine import DISK_DEVICE, Machine, RunState, layer_of_node, node_name
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+MERGE_JOB = "sm-merge"
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s; QEMU's default (32 MiB/s) would make checkpoints crawl
 UFFD_REFUSAL = "not supported by host kernel"
 PIPE_SIZE = 1 << 20  # an ordinary user's maximum (/proc/sys/fs/pipe-max-size)
@@ -62,6 +64,33 @@ async def active_layer(machine: Machine) -> str:
         if DISK_DEVICE in (dev.get("qdev") or "") and dev.get("inserted"):
             return layer_of_node(dev["inserted"]["node-name"])
     raise QemuError("The session's QEMU has no disk attached; recreate the session.")
+
+
+async def merge_layers(machine: Machine, active: str, top: str, base: str) -> None:
+    """Live block-commit: the layers above ``base`` up to ``top`` are written into ``base`` and drop out of
+    the chain, so ``base`` then holds ``top``'s view of the disk.  The guest runs on meanwhile."""
+    nodes = {_format_node_file(n): n["node-name"]
+             for n in await machine.run("query-named-block-nodes", {"flat": True}) if n.get("drv") == "qcow2"}
+    await machine.run("block-commit", {"job-id": MERGE_JOB, "device": node_name(active), "top-node": nodes[top],
+                                       "base-node": nodes[base], "backing-file": base, "auto-dismiss": False})
+    while True:
+        job = next((j for j in await machine.run("query-jobs") if j["id"] == MERGE_JOB), None)
+        if job is None:
+            raise QemuError("QEMU lost the job merging disk layers; the session's disk is unchanged.")
+        if job["status"] == "concluded":
+            await machine.run("job-dismiss", {"id": MERGE_JOB})
+            if job.get("error"):
+                raise QemuError(f"Merging disk layers failed: {job['error']}; the checkpoints are unaffected.")
+            return
+        await asyncio.sleep(0.05)
+
+
+def _format_node_file(node: dict[str, Any]) -> str:
+    """The image file name of a qcow2 node (QEMU names nodes with a changed backing by a json: description)."""
+    name: str = node["file"]
+    if name.startswith("json:"):
+        name = json.loads(name[len("json:"):])["file"]["filename"]
+    return Path(name).name
 
 
 async def live_supported(machine: Machine) -> bool:
