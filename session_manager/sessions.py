@@ -56,6 +56,9 @@ class SessionState:
     active_layer: str
     head: str | None = None
     saved: str | None = None
+    # Disk files that hold, with their backing chain, exactly a checkpoint's disk: file name -> checkpoint id.
+    # A local copy for fast restores and incremental disk saves; the repository has every disk too.
+    layers: dict[str, str] = field(default_factory=dict)
 
 
 class Session:
