@@ -161,6 +161,7 @@ class App(QObject):
 
     def quit(self) -> None:
         self.hotkey.unregister()
+        self.service.close()
         self.window.viewer.disconnect_()
         if not self.finished.done():
             self.finished.set_result(None)

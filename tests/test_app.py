@@ -74,12 +74,20 @@ def test_shortcut_checkpoints_and_dropping_it_rolls_back(sm: Sm, guest: tuple[Pa
         assert "Checkpoint taken" in window.statusBar().currentMessage()
         await until(lambda: not service.busy, 30, "the checkpoint finishing")
         assert [c.id for c in service.checkpoints] == [ckpt.id]
+        assert service.head == ckpt.id
 
-        # The tray menu, rebuilt when opened, offers it for rolling back.
+        # A checkpoint taken by another process (the CLI here) appears by itself (the repository is watched).
+        await asyncio.to_thread(sm, "checkpoint", "desk", "-m", "from the command line")
+        await until(lambda: any(c.note == "from the command line" for c in service.checkpoints), 10,
+                    "the CLI's checkpoint in the app")
+        canvas = app.timeline.view.canvas
+        assert "from the command line" in [canvas.nodes[k].info.note for k in canvas.order]
+
+        # The tray menu, rebuilt when opened, offers both for rolling back.
         tray = Tray(service, "Ctrl+Alt+S")
         tray.rebuild()
         rollback = next(a for a in tray.menu.actions() if a.text() == "Roll back to").menu()
-        assert len(rollback.actions()) == 1 and rollback.isEnabled()
+        assert len(rollback.actions()) == 2 and rollback.isEnabled()
 
         await until(lambda: serial.counters()[-1] >= at + 5, 60, "the guest counting on")
         before = serial.counters()[-1]
@@ -98,7 +106,7 @@ def test_shortcut_checkpoints_and_dropping_it_rolls_back(sm: Sm, guest: tuple[Pa
         assert after <= at + 2 < before, (at, before, after)
         await until(lambda: not service.busy, 30, "the restore finishing")
         kinds = sorted(c.meta["kind"] for c in service.checkpoints)
-        assert kinds == ["manual", "pre-restore"]  # the replaced state was kept
+        assert kinds == ["manual", "manual", "pre-restore"]  # the replaced state was kept
         assert service.head == ckpt.id
         await until(lambda: window.viewer.is_connected(), 30, "the viewer reconnecting after the restore")
 

@@ -20,6 +20,7 @@ from PySide6.QtCore import QObject, QTimer, Signal
 from ..engine import Engine, Status
 from ..errors import SessionManagerError
 from ..store.repo import CheckpointInfo
+from .watch import RepositoryWatcher
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class SessionService(QObject):
         self._poll.start()
         self._check_process()
         self.reload_checkpoints()
+        self._watcher = RepositoryWatcher(engine.home.repository, self)
+        self._watcher.changed.connect(self.reload_checkpoints)
 
     # -- what the widgets read ----------------------------------------------------------
     @property
@@ -133,6 +136,11 @@ class SessionService(QObject):
             self.info.emit(f"Exported to {out_dir}; stock QEMU resumes it with: {' '.join(argv)}")
 
         return self._run(State.EXPORTING, run)
+
+    def close(self) -> None:
+        """Stop watching; the session itself keeps running."""
+        self._poll.stop()
+        self._watcher.stop()
 
     def cancel(self) -> None:
         if self.can_cancel:
