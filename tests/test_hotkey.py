@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Xvfb
+from conftest import Xvfb, xlib_display
 from Xlib import XK, X
 from Xlib.display import Display
 from Xlib.error import BadAccess, CatchError
@@ -175,7 +175,7 @@ def probe(xvfb: Xvfb) -> Iterator[Probe]:
 
 @pytest.fixture
 def other_client(xvfb: Xvfb) -> Iterator[Display]:
-    d = Display(xvfb.display)
+    d = xlib_display(xvfb.display)
     yield d
     d.close()
 
@@ -238,7 +238,7 @@ def test_x11_reregister_replaces_the_grab(xvfb: Xvfb, probe: Probe, other_client
 
 
 def test_x11_taken_by_another_application(xvfb: Xvfb, probe: Probe) -> None:
-    blocker = Display(xvfb.display)
+    blocker = xlib_display(xvfb.display)
     assert grab_from_other_client(blocker, "s", CTRL_ALT)
     assert probe.register("Ctrl+Alt+S") == ("none", "Ctrl+Alt+S is already taken by another application.")
     xvfb.xdotool("key", "ctrl+alt+s")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Serial, Sm
+from conftest import Serial, Sm, xlib_display
 
 from session_manager.vm.machine import Machine, Sockets
 from session_manager.vm.rfb import (
@@ -590,8 +590,6 @@ def xvnc(tmp_path: Path) -> Iterator[Callable[..., Xvnc]]:
 
 async def x_view(server: Xvnc, body: Callable[[RfbClient, Events, Any], Awaitable[None]],
                  password: str | None = None) -> None:
-    from Xlib import display
-
     if password is None:
         client = await RfbClient.open_unix(server.unix_socket)
     else:
@@ -600,7 +598,7 @@ async def x_view(server: Xvnc, body: Callable[[RfbClient, Events, Any], Awaitabl
     events = Events()
     events.attach(client)
     task = asyncio.create_task(client.run())
-    d = display.Display(server.display)
+    d = xlib_display(server.display)
     try:
         await until(lambda: events.frames > 0 and bool(events.updates), "a first frame")
         await body(client, events, d)
