@@ -17,7 +17,7 @@ apt_packages=(qemu-system-x86 qemu-utils python3-venv
               libxcb-shape0 libxcb-util1 libxcb-xkb1 libxkbcommon-x11-0)
 # The tests also run an X server with a tray, a second VNC server, a key presser and the validators
 # of the .desktop and AppStream files.
-[ "$mode" = test ] && apt_packages+=(xvfb xauth trayer xdotool tigervnc-standalone-server tigervnc-tools appstream
+[ "$mode" = test ] && apt_packages+=(xvfb xauth trayer xdotool tigervnc-standalone-server tigervnc-tools appstream gnome-keyring dbus-daemon
                                      desktop-file-utils)
 missing=()
 for p in "${apt_packages[@]}"; do

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import getpass
 import json
 import logging
+import os
 import re
 import shlex
 import sys
@@ -17,12 +19,18 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
+from .daemon import Daemon, recovered_message
 from .engine import DEMO_NAME, UFFD_ADVICE, Engine
 from .errors import SessionManagerError, UsageError
 from .paths import HOME_ENV, Home
+from .remotes import KEY_ENV, SECRET_ENV, Remote, Remotes, local_target, open_remote, remote_sessions, resume
+from .store import keys as repo_keys
+from .store.replicate import Transfer, TransferProgress, replicate
 from .store.repo import CheckpointInfo
 
 log = logging.getLogger("session_manager")
+
+NEW_PASSPHRASE_ENV = "SESSION_MANAGER_NEW_PASSPHRASE"
 
 
 def parse_size(text: str, unit: int = 1 << 20) -> int:
@@ -32,6 +40,19 @@ def parse_size(text: str, unit: int = 1 << 20) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; write it like 512M or 2G")
     scale = {"": unit, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m[2].upper()]
     return int(float(m[1]) * scale)
+
+
+def parse_duration(text: str) -> float:
+    """'30s', '5m', '1.5h' -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*", text, re.I)
+    if not m or float(m[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; write it like 30s, 5m or 1h")
+    return float(m[1]) * {"s": 1, "m": 60, "h": 3600}[m[2].lower()]
+
+
+def rate(text: str) -> int:
+    """'10M/s', '512K' -> bytes a second."""
+    return parse_size(text.removesuffix("/s"), 1)
 
 
 def human(n: float) -> str:
@@ -59,6 +80,13 @@ def checkpoint_row(c: CheckpointInfo) -> list[Any]:
     return [c.id[:8], local_time(c.created), (c.parent or "-")[:8], pause, human(c.added_bytes), flags, c.note]
 
 
+def ask_passphrase(prompt: str) -> str:
+    try:
+        return getpass.getpass(prompt)
+    except EOFError:
+        raise UsageError("No passphrase was typed; run the command again and type it.") from None
+
+
 class Cli:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -83,7 +111,7 @@ class Cli:
         rows: list[dict[str, Any]] = []
         for s in self.engine.sessions():
             st = asyncio.run(self.engine.status(s.name))
-            state = st.run_state or ("saved" if st.saved else "stopped")
+            state = st.run_state or ("crashed" if st.crashed else "saved" if st.saved else "stopped")
             rows.append({"name": s.name, "state": state, "memory_mib": st.memory_mib, "cpus": st.cpus,
                          "head": st.head, "checkpoints": len(self.engine.checkpoints(s.name))})
         self.out(rows, lambda: table([[r["name"], r["state"], f"{r['memory_mib']} MiB", r["cpus"],
@@ -92,8 +120,15 @@ class Cli:
                  if rows else "No sessions yet; `session-manager demo` creates one to try.")
 
     def start(self) -> None:
-        st = asyncio.run(self.engine.start(self.args.name))
-        self.out(asdict(st), lambda: self._status_text(st) + "\nStarted.")
+        name = self.args.name
+        crash = self.engine.crash_reason(name) if self.engine.crashed(name) else None
+        st = asyncio.run(self.engine.start(name))
+        done = "Started."
+        if crash:  # start brought back its latest checkpoint, as recover does
+            done = f"Session {name} had stopped unexpectedly ({crash}). " + (
+                recovered_message(name, self.engine.repo.get(st.head)) if st.head
+                else "It has no checkpoint, so it booted afresh.")
+        self.out(asdict(st), lambda: self._status_text(st) + "\n" + done)
         self._advise(st.live_checkpoints)
 
     @staticmethod
@@ -110,9 +145,25 @@ class Cli:
         st = asyncio.run(self.engine.status(self.args.name))
         self.out(asdict(st), lambda: self._status_text(st))
 
+    def recover(self) -> None:
+        name = self.args.name
+        ckpt = asyncio.run(self.engine.recover(name))
+        self.out({"recovered": ckpt.id, "kind": ckpt.meta.get("kind"), "created": ckpt.created},
+                 recovered_message(name, ckpt))
+
+    def daemon(self) -> None:
+        for name in self.args.session or ():
+            self.engine.session(name)
+        asyncio.run(Daemon(self.engine, self.args.session, interval_s=self.args.interval,
+                           recover=self.args.recover).serve())
+
     @staticmethod
     def _status_text(st: Any) -> str:
-        lines = [f"Session {st.name}: {st.run_state or ('stopped, state saved' if st.saved else 'stopped')}"]
+        state = st.run_state or ("crashed" if st.crashed else "stopped, state saved" if st.saved else "stopped")
+        lines = [f"Session {st.name}: {state}"]
+        if st.crashed:
+            lines.append(f"  QEMU died while it ran; `session-manager recover {st.name}` (or `start`) restores its "
+                         "latest checkpoint")
         if st.pid:
             lines.append(f"  QEMU pid {st.pid}, accelerator {st.accel} ({st.accel_reason})")
             lines.append(f"  checkpoints: {'live (background snapshot)' if st.live_checkpoints else 'stop-and-copy (pauses the guest)'}")
@@ -193,11 +244,113 @@ class Cli:
         stats = self.engine.repo.du(session=self.args.name)
         self.out(stats.to_dict(), stats.summary())
 
+    def key(self) -> None:
+        a, repo = self.args, self.engine.repo
+        if a.key_command == "add":
+            info = repo.add_key(self._new_passphrase())
+            self.out(info.to_dict(), f"Added key {info.id}: its passphrase unlocks the repository, here and elsewhere.")
+        elif a.key_command == "list":
+            keys = repo.keys()
+            self.out([k.to_dict() for k in keys], lambda: table(
+                [[k.id, local_time(k.created) if k.created else "-", k.kdf] for k in keys], ["ID", "CREATED", "KDF"])
+                if keys else "The repository has no passphrase yet; `session-manager key add` sets one.")
+        else:
+            info = repo.remove_key(a.id)
+            self.out(info.to_dict(), f"Removed key {info.id}; its passphrase no longer unlocks the repository.")
+
+    @staticmethod
+    def _new_passphrase() -> str:
+        """From SESSION_MANAGER_NEW_PASSPHRASE, else typed twice in a terminal."""
+        if NEW_PASSPHRASE_ENV in os.environ:
+            return os.environ[NEW_PASSPHRASE_ENV]
+        if not sys.stdin.isatty():
+            raise UsageError(f"No new passphrase was given; set {NEW_PASSPHRASE_ENV} or run the command in a terminal.")
+        first = ask_passphrase("New passphrase: ")
+        if ask_passphrase("The same again: ") != first:
+            raise UsageError("The two passphrases differ, so nothing was changed; try again.")
+        return first
+
     def pin(self) -> None:
         s = self.engine.session(self.args.name)
         c = self.engine.find_checkpoint(s, self.args.checkpoint)
         self.engine.repo.annotate(c.id, pinned=not self.args.unpin)
         self.out({"id": c.id, "pinned": not self.args.unpin}, f"{'Unpinned' if self.args.unpin else 'Pinned'} {c.id[:8]}.")
+
+    # -- remotes -------------------------------------------------------------------
+    def remote(self) -> None:
+        a, remotes = self.args, Remotes(self.engine.home)
+        if a.remote_command == "add":
+            remote = Remote(a.name, a.url, a.endpoint, a.region, a.limit)
+            stored = remotes.add(remote)
+            self.out(asdict(remote), f"Added remote {a.name} ({remote.url})" + ("." if stored else (
+                f"; no keyring could keep its credentials, so set {KEY_ENV} and {SECRET_ENV} whenever you use it.")))
+        elif a.remote_command == "remove":
+            remotes.remove(a.name)
+            self.out({"removed": a.name}, f"Removed remote {a.name}; what it holds stays there.")
+        else:
+            rs = remotes.all()
+            self.out([asdict(r) for r in rs], lambda: table(
+                [[r.name, r.url, r.endpoint or "-", f"{human(r.limit)}/s" if r.limit else "-"] for r in rs],
+                ["NAME", "URL", "ENDPOINT", "LIMIT"]) if rs else
+                "No remotes yet; add one with `session-manager remote add NAME s3://BUCKET/PREFIX --endpoint URL`.")
+
+    def push(self) -> None:
+        remotes = Remotes(self.engine.home)
+        remote = remotes.pick(self.args.remote)
+        sent = replicate(self.engine.repo, remotes.backend(remote), limit=self.args.limit or remote.limit,
+                         progress=self._transfer_progress("Pushing"))
+        self.out(sent.to_dict(), f"Pushed {sent.objects_done} objects ({human(sent.bytes_done)}) to {remote.name}; "
+                                 "it holds every checkpoint of this computer.")
+
+    def pull(self) -> None:
+        home, remotes = self.engine.home, Remotes(self.engine.home)
+        remote = remotes.pick(self.args.remote)
+        repo = open_remote(home, remotes.backend(remote))
+        sent = replicate(repo, local_target(home, repo), limit=self.args.limit or remote.limit,
+                         progress=self._transfer_progress("Pulling"))
+        self.out(sent.to_dict(), f"Pulled {sent.objects_done} objects ({human(sent.bytes_done)}) from "
+                                 f"{remote.name}; this computer holds every checkpoint in it.")
+
+    def resume(self) -> None:
+        a = self.args
+        backend, limit = Remotes(self.engine.home).source(a.source, a.endpoint, a.region)
+        repo = open_remote(self.engine.home, backend)
+        if a.checkpoint:
+            ckpt = repo.get(a.checkpoint)
+            if a.session and ckpt.session != a.session:
+                raise UsageError(f"Checkpoint {a.checkpoint} belongs to session {ckpt.session!r}, not {a.session!r}.")
+        else:
+            sessions = remote_sessions(repo)
+            if not sessions:
+                raise UsageError(f"{backend} holds no checkpoints; push some there first.")
+            if a.session is None and len(sessions) > 1:
+                rows: list[dict[str, Any]] = [{"session": n, "checkpoints": len(cs), "latest": cs[-1].id,
+                                                "created": cs[-1].created} for n, cs in sessions.items()]
+                self.out(rows, lambda: table([[r["session"], r["checkpoints"], r["latest"][:8],
+                                               local_time(r["created"])] for r in rows],
+                                             ["SESSION", "CHECKPOINTS", "LATEST", "TIME"])
+                         + f"\nName one: session-manager resume {a.source} SESSION")
+                return
+            name = a.session or next(iter(sessions))
+            if name not in sessions:
+                raise UsageError(f"{backend} holds no session {name!r}; leave the name out to list those it holds.")
+            ckpt = sessions[name][-1]
+        st, sent = asyncio.run(resume(self.engine, repo, ckpt, limit=a.limit or limit,
+                                      transfer=self._transfer_progress("Pulling")))
+        self.out({"checkpoint": ckpt.to_dict(), "transfer": sent.to_dict(), "status": asdict(st)},
+                 lambda: f"Resumed {ckpt.session} from checkpoint {ckpt.id[:8]} of {local_time(ckpt.created)} "
+                         f"(pulled {human(sent.bytes_done)}).\n" + self._status_text(st))
+
+    def _transfer_progress(self, verb: str) -> TransferProgress | None:
+        """A progress line on a terminal's stderr."""
+        if self.args.json or not sys.stderr.isatty():
+            return None
+
+        def show(t: Transfer) -> None:
+            end = "\n" if t.objects_done == t.objects_total else ""
+            print(f"\r{verb}: {t.objects_done}/{t.objects_total} objects, {human(t.bytes_done)} of "
+                  f"{human(t.bytes_total)}", end=end, file=sys.stderr, flush=True)
+        return show
 
 
 class _Parser(argparse.ArgumentParser):
@@ -233,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--disk-size", type=lambda t: parse_size(t, 1 << 30), default=32 << 30,
                    help="size of the new disk for --iso/--kernel (default 32G)")
     cmd("list", "list sessions")
-    for name, help in (("start", "start a session, resuming its saved state if it has one"),
+    for name, help in (("start", "start a session, resuming its saved state if it has one (after a crash, its "
+                                 "latest checkpoint)"),
                        ("status", "show a session's state, sockets and logs")):
         cmd(name, help).add_argument("name")
     c = cmd("stop", "checkpoint a session and stop its QEMU; `start` resumes it")
@@ -269,6 +423,47 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prune", action="store_true", help="reclaim the space right away")
     cmd("prune", "reclaim the space of forgotten checkpoints")
     cmd("du", "show how much space checkpoints take").add_argument("name", nargs="?")
+    cmd("recover", "restore the latest checkpoint of a session whose QEMU died").add_argument("name")
+    c = sub.add_parser("daemon", help="autosave running sessions and watch them for crashes, without the app",
+                       description="autosave running sessions and watch them for crashes until SIGTERM or SIGINT "
+                       "(packaging/session-manager.service runs it as a systemd user service)")
+    c.add_argument("--session", action="append", metavar="NAME", help="look after this session only (repeatable)")
+    c.add_argument("--interval", type=parse_duration, metavar="DURATION",
+                   help="autosave this often, like 30s, 5m or 1h (default: autosave_minutes in the settings)")
+    c.add_argument("--recover", action="store_true", help="recover crashed sessions at once")
+    c = sub.add_parser("key", help="manage the passphrases of the checkpoint repository",
+                       description="manage the passphrases of the checkpoint repository (one opens it on another "
+                       "computer; commands take it from SESSION_MANAGER_PASSPHRASE or ask)")
+    keys = c.add_subparsers(dest="key_command", metavar="ACTION", required=True)
+    keys.add_parser("add", parents=[js], help=f"add a passphrase (typed twice, or from {NEW_PASSPHRASE_ENV})")
+    keys.add_parser("list", parents=[js], help="list the passphrases' keys")
+    keys.add_parser("remove", parents=[js], help="remove a passphrase (never the last one)").add_argument(
+        "id", help="key id or unique prefix")
+    c = sub.add_parser("remote", help="manage remote repositories (S3 storage or a directory) for push, pull, resume",
+                       description="manage remote repositories: s3://BUCKET/PREFIX (credentials go to the keyring) "
+                       "or a directory, e.g. a mounted share")
+    remotes = c.add_subparsers(dest="remote_command", metavar="ACTION", required=True)
+    c = remotes.add_parser("add", parents=[js], help="add or replace a remote (asks for S3 credentials, or reads "
+                           f"{KEY_ENV} and {SECRET_ENV})")
+    c.add_argument("name")
+    c.add_argument("url", help="s3://BUCKET/PREFIX, a directory or file:///DIRECTORY")
+    c.add_argument("--endpoint", help="the S3 server, e.g. https://s3.example.com:9000 (default: AWS)")
+    c.add_argument("--region")
+    c.add_argument("--limit", type=rate, help="bandwidth limit, e.g. 10M/s")
+    remotes.add_parser("list", parents=[js], help="list the remotes")
+    remotes.add_parser("remove", parents=[js], help="forget a remote (its data stays)").add_argument("name")
+    for name, help in (("push", "send a remote every checkpoint it lacks"),
+                       ("pull", "fetch every checkpoint this computer lacks from a remote")):
+        c = cmd(name, help)
+        c.add_argument("remote", nargs="?", help="the remote's name (default: the only one)")
+        c.add_argument("--limit", type=rate, help="bandwidth limit, e.g. 10M/s (default: the remote's)")
+    c = cmd("resume", "continue a session from another computer: pull its latest checkpoint from a remote and start it")
+    c.add_argument("source", help="a remote's name, s3://BUCKET/PREFIX or a directory")
+    c.add_argument("session", nargs="?", help="which session (without it: the only one, or a list of them)")
+    c.add_argument("--checkpoint", help="a checkpoint id or prefix instead of the latest")
+    c.add_argument("--endpoint", help="the S3 server of an s3:// source (default: AWS)")
+    c.add_argument("--region")
+    c.add_argument("--limit", type=rate, help="bandwidth limit, e.g. 10M/s")
     return p
 
 
@@ -296,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli = Cli(args)
         _setup_logging(cli.engine.home, args.verbose)
         log.info("session-manager %s", " ".join(sys.argv[1:]))
+        if args.command and sys.stdin.isatty():
+            repo_keys.ask = ask_passphrase
         if not args.command:  # the desktop app
             from .app import run
 

@@ -26,7 +26,7 @@ from .sessions import Session, SessionConfig, SessionState, list_sessions
 from .store.repo import CheckpointInfo, Repository
 from .vm import disk as vdisk
 from .vm.machine import Machine, RunState, Sockets, launch, wait_exit
-from .vm.qemu import Accel, choose_accelerator, command_line, find_qemu, machine_type
+from .vm.qemu import Accel, boot_id, choose_accelerator, command_line, find_qemu, machine_type
 from .vm.snapshot import Capture, capture, live_supported, load, merge_layers
 from .vm.stream import REGION_SHIFT, Segment, iter_segments, running_on_load
 
@@ -81,6 +81,7 @@ class Status:
     qemu_log: str
     memory_mib: int
     cpus: int
+    crashed: bool = False  # QEMU died while the session should run: `recover` brings back its latest checkpoint
 
 
 class Engine:
@@ -165,6 +166,7 @@ class Engine:
     def delete(self, name: str) -> int:
         """Delete a session and forget its checkpoints; returns how many were forgotten."""
         session = self.session(name)
+        self._set_running(session, False)  # first, or its QEMU's death would read as a crash
         asyncio.run(self._kill(self.sockets(session)))
         count = 0
         for ckpt in self.repo.checkpoints(session=name):
@@ -195,7 +197,8 @@ class Engine:
         return choose_accelerator(self.home.cache, lambda: build_guest(self.home.cache / "testguest"))
 
     async def start(self, name: str) -> Status:
-        """Start a session: resume its saved state if it was stopped with one, else boot it."""
+        """Start a session: resume its saved state if it was stopped with one, its latest checkpoint if it
+        crashed (as `recover` does), else boot it."""
         session = self.session(name)
         async with self._locked(session):
             if self.sockets(session).pid() is not None:
@@ -205,10 +208,12 @@ class Engine:
                     await m.run("cont")  # left paused, e.g. by a checkpoint killed in its pause
                 return await self.status(name)
             state = session.load_state()
-            if state.saved:
-                await self._restore_locked(session, self.repo.get(state.saved), take_before=False)
+            latest = state.saved or (state.head if state.running_boot else None)
+            if latest:
+                await self._restore_locked(session, self.repo.get(latest), take_before=False)
             else:
                 await self._launch(session, session.load_config(), session.layer_path(state.active_layer), "boot")
+                self._set_running(session, True)
                 async with Machine.connect(self.sockets(session)) as m:
                     await self._note_live_support(m, session)
         return await self.status(name)
@@ -248,10 +253,11 @@ class Engine:
                 if save and run_state in (RunState.RUNNING, RunState.PAUSED):
                     saved = await self._checkpoint_locked(session, m, "saved on stop", "stop")
                 await m.quit()
+            state = session.load_state()
             if saved is not None:
-                state = session.load_state()
                 state.saved = saved.id
-                session.save_state(state)
+            state.running_boot = None  # stopped on purpose: not a crash
+            session.save_state(state)
             return saved
 
     async def status(self, name: str) -> Status:
@@ -282,7 +288,59 @@ class Engine:
             qemu_log=str(session.qemu_log),
             memory_mib=config.memory_mib,
             cpus=config.cpus,
+            crashed=pid is None and self.crashed(name),
         )
+
+    # -- crashes -------------------------------------------------------------------
+    def crashed(self, name: str) -> bool:
+        """Whether QEMU died while the session should be running (killed, out of memory, its own crash or the
+        host's); False while an operation holds the session, for that operation sees QEMU die and says so."""
+        session = self.session(name)
+        fd = self._lock_file(session)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return session.load_state().running_boot is not None and self.sockets(session).pid() is None
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    def crash_reason(self, name: str) -> str:
+        """Why a crashed session's QEMU is gone, as far as can be told, e.g. "QEMU was killed: ..."."""
+        session = self.session(name)
+        if session.load_state().running_boot != boot_id():
+            return "the computer shut down or crashed while it ran"
+        if self.sockets(session).pidfile.exists():  # QEMU removes it when it exits, unless it is killed
+            return "QEMU was killed: by SIGKILL, the out-of-memory killer or a crash of its own"
+        last = _last_words(session.qemu_log)
+        return f"QEMU exited saying {last!r}" if last else "QEMU exited; the guest may have switched itself off"
+
+    async def recover(self, name: str, progress: Progress = _no_progress) -> CheckpointInfo:
+        """Bring a crashed session back from its latest checkpoint, as `start` does; returns that checkpoint.
+
+        The latest is the head (autosaves advance it), or the state kept by a restore that did not finish;
+        QEMU is dead, so there is nothing to checkpoint first.
+        """
+        session = self.session(name)
+        async with self._locked(session):
+            state = session.load_state()
+            latest = state.saved or state.head
+            if self.sockets(session).pid() is not None:
+                raise UsageError(f"Session {name!r} is running; nothing to recover.")
+            if state.running_boot is None:
+                raise UsageError(f"Session {name!r} was stopped, not crashed; `session-manager start {name}` "
+                                 "starts it.")
+            if latest is None:
+                raise UsageError(f"Session {name!r} has no checkpoint to recover from; start it to boot afresh.")
+            ckpt = self.repo.get(latest)
+            await self._restore_locked(session, ckpt, take_before=False, progress=progress)
+            return ckpt
+
+    @staticmethod
+    def _set_running(session: Session, running: bool) -> None:
+        state = session.load_state()
+        state.running_boot = boot_id() if running else None
+        session.save_state(state)
 
     # -- checkpoints -----------------------------------------------------------
     async def checkpoint(self, name: str, note: str = "", kind: str = "manual",
@@ -435,6 +493,26 @@ class Engine:
             return await self._restore_locked(session, self.find_checkpoint(session, ref), not discard_current,
                                               progress)
 
+    async def adopt(self, ckpt: CheckpointInfo, progress: Progress = _no_progress) -> Status:
+        """Create a checkpoint's session from its recorded config (the checkpoint came from another computer)
+        and start it from that checkpoint; its disk is rebuilt from the repository.
+
+        Should the start fail, the session stays, stopped with the checkpoint as its saved state.
+        """
+        config = SessionConfig(**ckpt.meta["config"])
+        for label, path in (("kernel", config.kernel), ("initrd", config.initrd), ("ISO", config.iso)):
+            if path and not Path(path).is_file():
+                raise NotFoundError(f"Checkpoint {ckpt.id[:8]} needs the {label} {path}, which this computer does "
+                                    "not have; copy it to the same place and try again.")
+        session = Session(self.home, ckpt.session)
+        session.create(config, vdisk.new_layer_name())
+        state = session.load_state()
+        state.head = state.saved = ckpt.id
+        session.save_state(state)
+        async with self._locked(session):
+            await self._restore_locked(session, ckpt, take_before=False, progress=progress)
+        return await self.status(session.name)
+
     async def _restore_locked(self, session: Session, ckpt: CheckpointInfo, take_before: bool,
                               progress: Progress = _no_progress) -> CheckpointInfo | None:
         # Everything that can be checked is checked before QEMU sees a byte.
@@ -467,12 +545,13 @@ class Engine:
                 await self._note_live_support(m, session)
         except BaseException as e:
             await self._kill(sockets)
+            self._set_running(session, False)  # we stopped it: no crash to report
             if isinstance(e, SessionManagerError):
                 hint = (f" The state it was replacing is checkpoint {before.id[:8]}; `session-manager start "
                         f"{session.name}` resumes it.") if before else ""
                 raise QemuError(f"Restoring checkpoint {ckpt.id[:8]} failed: {e}{hint}") from e
             raise
-        state.head, state.saved = ckpt.id, None
+        state.head, state.saved, state.running_boot = ckpt.id, None, boot_id()
         session.save_state(state)
         log.info("restored %s to %s: stream loaded in %.2f s", session.name, ckpt.id, seconds)
         return before
@@ -540,8 +619,7 @@ class Engine:
     # -- locking -------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def _locked(self, session: Session) -> AsyncIterator[None]:
-        session.state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(session.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self._lock_file(session)
         try:
             deadline = time.monotonic() + LOCK_TIMEOUT
             while True:
@@ -557,6 +635,11 @@ class Engine:
             yield
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _lock_file(session: Session) -> int:
+        session.state_dir.mkdir(parents=True, exist_ok=True)
+        return os.open(session.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
 
 
 def _layer_of(state: SessionState, ckpt_id: str | None) -> tuple[str, str] | None:
@@ -577,6 +660,12 @@ def _standalone(argv: list[str], stream: Path) -> list[str]:
         out.append(arg)
         i += 1
     return out + ["-incoming", f"exec:cat {shlex.quote(str(stream))}"]
+
+
+def _last_words(qemu_log: Path) -> str | None:
+    """The last line QEMU wrote to its log since it was last launched (each launch writes a '--- ' line)."""
+    lines = [ln.strip() for ln in (_read(qemu_log) or "").splitlines() if ln.strip()]
+    return lines[-1] if lines and not lines[-1].startswith("--- ") else None
 
 
 def _read(path: Path) -> str | None:

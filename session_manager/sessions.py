@@ -4,7 +4,8 @@ A session directory holds::
 
     config.toml     machine, memory, CPUs, boot source, base disk (user-edited choices)
     state.json      the active overlay, the checkpoint the running state descends
-                    from ("head") and, after a saving stop, the checkpoint to resume
+                    from ("head"), after a saving stop the checkpoint to resume, and
+                    while QEMU should be running the host boot it was started in
     disks/          qcow2 overlays: one per checkpoint (frozen, never written
                     again) and the active one QEMU writes to
 
@@ -56,6 +57,9 @@ class SessionState:
     active_layer: str
     head: str | None = None
     saved: str | None = None
+    # The host's boot id while QEMU should be running: set when it is launched, cleared when it is stopped on
+    # purpose.  Set with no QEMU alive means QEMU died, or the host did (then the boot id differs).
+    running_boot: str | None = None
     # Disk files that hold, with their backing chain, exactly a checkpoint's disk: file name -> checkpoint id.
     # A local copy for fast restores and incremental disk saves; the repository has every disk too.
     layers: dict[str, str] = field(default_factory=dict)

@@ -9,6 +9,7 @@ The file is written atomically: a temporary file beside it, then ``os.replace``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import tomllib
@@ -35,6 +36,14 @@ class Settings:
     scale: str = "fit"  # "fit": scale the guest's screen to the window; "1:1": one guest pixel per pixel
     show_notifications: bool = True
     session: str | None = None  # the session the app shows; None: the only (or first) one
+    # Autosave checkpoints each running session this often (0: never), then thins the autosaves (every other
+    # checkpoint stays) to the newest keep_last, all from the last keep_minutes, and the newest of each of the
+    # last keep_hourly hours and keep_daily days; 0 turns a rule off, and with every rule off all autosaves stay.
+    autosave_minutes: float = 2.0
+    autosave_keep_last: int = 0
+    autosave_keep_minutes: float = 60.0
+    autosave_keep_hourly: int = 24
+    autosave_keep_daily: int = 30
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -108,6 +117,12 @@ def _problem(key: str, value: Any) -> str | None:
     elif key == "session":
         ok = value is None or (isinstance(value, str) and _is_name(value))
         wanted = "the name of a session in quotes"
+    elif key in ("autosave_minutes", "autosave_keep_minutes"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        wanted = "a number of minutes (0 turns it off)"
+    elif key in ("autosave_keep_last", "autosave_keep_hourly", "autosave_keep_daily"):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        wanted = "a whole number (0 turns it off)"
     else:
         raise AssertionError(key)
     return None if ok else f"{key} must be {wanted}, not {_toml(value)}"

@@ -291,3 +291,56 @@ def xlib_display(name: str):  # noqa: ANN201
 
     protocol.Display.event_classes = event.event_class.copy()
     return display.Display(name)
+
+
+# --- keyrings -----------------------------------------------------------------------------------
+
+import keyring  # noqa: E402
+import keyring.backend  # noqa: E402
+from keyring.backends import fail  # noqa: E402
+from keyring.errors import PasswordDeleteError  # noqa: E402
+
+
+class MemoryKeyring(keyring.backend.KeyringBackend):
+    """A working keyring in a dict, as a desktop's Secret Service would be."""
+
+    priority = 0.1  # never chosen by discovery: tests set it with keyring.set_keyring
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: dict[tuple[str, str], str] = {}
+
+    def get_password(self, service: str, username: str) -> str | None:
+        return self.secrets.get((service, username))
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        self.secrets[service, username] = password
+
+    def delete_password(self, service: str, username: str) -> None:
+        if self.secrets.pop((service, username), None) is None:
+            raise PasswordDeleteError(f"{username} is not in the keyring")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_keyring() -> Iterator[None]:
+    """No test touches the user's real keyring: this process and the processes tests start have none (the
+    fail backend: repository keys go to key files in the test's directories) unless a test takes
+    memory_keyring."""
+    saved = os.environ.get("PYTHON_KEYRING_BACKEND")
+    os.environ["PYTHON_KEYRING_BACKEND"] = "keyring.backends.fail.Keyring"
+    keyring.set_keyring(fail.Keyring())
+    yield
+    if saved is None:
+        del os.environ["PYTHON_KEYRING_BACKEND"]
+    else:
+        os.environ["PYTHON_KEYRING_BACKEND"] = saved
+
+
+@pytest.fixture
+def memory_keyring() -> Iterator[MemoryKeyring]:
+    """A working, empty keyring in this process for the test's duration."""
+    previous = keyring.get_keyring()
+    backend = MemoryKeyring()
+    keyring.set_keyring(backend)
+    yield backend
+    keyring.set_keyring(previous)

@@ -1,21 +1,22 @@
-"""Conformance suite every repository backend must pass (only LocalBackend exists so far)."""
+"""Conformance suite every repository backend must pass: a directory and S3 (a real server on loopback)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from session_manager.errors import CorruptionError, NotFoundError
+from session_manager.errors import CorruptionError, NotFoundError, RepositoryError, UsageError
 from session_manager.store.backend import AlreadyExistsError, Backend, LocalBackend
 
-BACKENDS: dict[str, Callable[[Path], Backend]] = {"local": LocalBackend}
+from conftest import S3Server
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=["local", "s3"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    return BACKENDS[request.param](tmp_path / "repo")
+    if request.param == "s3":
+        return request.getfixturevalue("s3_server").backend(prefix=tmp_path.name)  # a fresh prefix per test
+    return LocalBackend(tmp_path / "repo")
 
 
 def test_save_and_load(backend: Backend) -> None:
@@ -104,3 +105,45 @@ def test_invalid_names(backend: Backend) -> None:
     for bad in ("", "/etc/passwd", "data/../../x"):
         with pytest.raises(ValueError):
             backend.save(bad, b"x")
+
+
+def test_sizes(backend: Backend) -> None:
+    backend.save("data/ab/ab12", b"12345")
+    backend.save("index/i1", b"1")
+    assert backend.sizes("data/") == {"data/ab/ab12": 5}
+    assert backend.sizes("") == {"data/ab/ab12": 5, "index/i1": 1}
+
+
+# -- S3 only ----------------------------------------------------------------------------------------
+
+def test_s3_server_unreachable() -> None:
+    import socket
+
+    from session_manager.store.s3 import S3Backend
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    b = S3Backend("bucket", "repo", endpoint=f"http://127.0.0.1:{port}", region=None, access_key="a", secret_key="b")
+    for attempt in (lambda: b.save("config", b"x"), lambda: b.load("config"), lambda: list(b.list("index/"))):
+        with pytest.raises(RepositoryError) as e:
+            attempt()
+        assert str(e.value) == (f"Cannot reach the server at http://127.0.0.1:{port}: Connection refused; "
+                                "check the address or try later.")
+
+
+def test_s3_wrong_credentials(s3_server: S3Server, tmp_path: Path) -> None:
+    good = s3_server.backend(tmp_path.name)
+    good.save("index/i", b"i")
+    bad = s3_server.backend(tmp_path.name, secret_key="wrong")
+    for attempt in (lambda: bad.save("config", b"x"), lambda: bad.load("index/i"), lambda: list(bad.list("index/"))):
+        with pytest.raises(RepositoryError, match=r"^The server at http://127\.0\.0\.1:\d+ refused the credentials "
+                                                  r"for s3://sm-test/test_s3_wrong_credentials0; check the access key"):
+            attempt()
+
+
+def test_s3_plain_http_only_on_loopback() -> None:
+    from session_manager.store.s3 import S3Backend
+
+    with pytest.raises(UsageError, match="plain http"):
+        S3Backend("b", "", endpoint="http://nas.example:9000", region=None, access_key="a", secret_key="b")

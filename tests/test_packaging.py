@@ -127,3 +127,20 @@ def test_an_installed_wheel_finds_its_resources(tmp_path: Path) -> None:
         return {m.relative_to(root).as_posix() for m in (root / "session_manager").rglob("*.py")}
 
     assert modules(site) == modules(src)
+
+
+def test_systemd_user_unit_is_valid(tmp_path: Path) -> None:
+    """systemd accepts the daemon's unit, with the command where its comment says (~/.local/bin)."""
+    unit = ROOT / "packaging" / "session-manager.service"
+    home, runtime = tmp_path / "home", tmp_path / "run"
+    (home / ".local" / "bin").mkdir(parents=True)
+    (home / ".local" / "bin" / "session-manager").symlink_to(sys.executable)
+    runtime.mkdir(mode=0o700)
+    p = subprocess.run([tool("systemd-analyze", "systemd"), "verify", "--user", str(unit)], capture_output=True,
+                       text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": str(home),
+                                                   "XDG_RUNTIME_DIR": str(runtime)})
+    assert p.returncode == 0 and unit.name not in p.stderr, p.stderr
+    service = ConfigParser(interpolation=None, strict=False)
+    service.read(unit)
+    assert service["Service"]["ExecStart"].split()[1:] == ["daemon"]
+    assert service["Service"]["KillMode"] == "process"  # the QEMU processes it starts outlive it

@@ -32,18 +32,22 @@ def test_no_file_means_the_defaults(home: Home) -> None:
     assert s == Settings()
     assert (s.checkpoint_shortcut, s.confirm_restore, s.keyboard_grab, s.scale, s.show_notifications, s.session) \
         == ("Ctrl+Alt+S", True, False, "fit", True, None)
+    assert (s.autosave_minutes, s.autosave_keep_last, s.autosave_keep_minutes, s.autosave_keep_hourly,
+            s.autosave_keep_daily) == (2.0, 0, 60.0, 24, 30)  # Time Machine's: the last hour, a day, a month
     assert not home.config.exists()  # loading writes nothing
 
 
 def test_round_trip(home: Home) -> None:
     s = Settings(checkpoint_shortcut="Ctrl+Shift+F12", confirm_restore=False, keyboard_grab=True, scale="1:1",
-                 show_notifications=False, session="work")
+                 show_notifications=False, session="work", autosave_minutes=0.5, autosave_keep_last=3,
+                 autosave_keep_minutes=0, autosave_keep_hourly=0, autosave_keep_daily=7)
     s.save(home)  # creates the config directory
     assert Settings.load(home) == s
     with open(home.config / "settings.toml", "rb") as f:
         assert tomllib.load(f) == {"checkpoint_shortcut": "Ctrl+Shift+F12", "confirm_restore": False,
                                    "keyboard_grab": True, "scale": "1:1", "show_notifications": False,
-                                   "session": "work"}
+                                   "session": "work", "autosave_minutes": 0.5, "autosave_keep_last": 3,
+                                   "autosave_keep_minutes": 0, "autosave_keep_hourly": 0, "autosave_keep_daily": 7}
     s.session = None  # TOML has no null: the key is left out
     s.save(home)
     assert "session" not in (home.config / "settings.toml").read_text()
@@ -53,6 +57,8 @@ def test_round_trip(home: Home) -> None:
 def test_a_partial_file_fills_in_the_defaults(home: Home) -> None:
     write(home, 'scale = "1:1"\n')
     assert Settings.load(home) == Settings(scale="1:1")
+    write(home, "autosave_minutes = 5\n")  # a whole number of minutes is a number too
+    assert Settings.load(home) == Settings(autosave_minutes=5)
 
 
 def test_unknown_keys_are_ignored_with_a_warning(home: Home, caplog: pytest.LogCaptureFixture) -> None:
@@ -70,6 +76,12 @@ def test_unknown_keys_are_ignored_with_a_warning(home: Home, caplog: pytest.LogC
     ('checkpoint_shortcut = ""\n', ["checkpoint_shortcut must be a key combination"]),
     ('session = "no/such name"\n', ["session must be the name of a session"]),
     ("[show_notifications]\nx = 1\n", ["show_notifications must be true or false, not a table"]),
+    ("autosave_minutes = -1\n", ["autosave_minutes must be a number of minutes (0 turns it off), not -1"]),
+    ('autosave_minutes = "2m"\n', ["autosave_minutes must be a number of minutes"]),
+    ("autosave_keep_minutes = inf\n", ["autosave_keep_minutes must be a number of minutes"]),
+    ("autosave_keep_hourly = 1.5\n", ["autosave_keep_hourly must be a whole number (0 turns it off), not 1.5"]),
+    ("autosave_keep_daily = true\n", ["autosave_keep_daily must be a whole number"]),
+    ("autosave_keep_last = -2\n", ["autosave_keep_last must be a whole number"]),
     ("confirm_restore = \n", ["is not valid TOML", "line 1"]),
     ("\xff\n", ["is not valid TOML"]),
     (b"scale = \"\xff\"\n", ["is not valid TOML", "utf-8"]),

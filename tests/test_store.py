@@ -59,6 +59,12 @@ def random_pages(n: int, seed: int) -> list[bytes]:
     return [rnd.randbytes(PAGE_SIZE // 2) * 2 for _ in range(n)]  # compressible, like real memory
 
 
+def copy_repo(src: Path, dst: Path) -> None:
+    """A copy of a repository with its key file (kept beside it: the tests have no keyring)."""
+    shutil.copytree(src, dst)
+    shutil.copy2(src.with_name(src.name + ".key"), dst.with_name(dst.name + ".key"))
+
+
 def pack_files(path: Path) -> set[Path]:
     return set((path / "data").rglob("*"))  - {p for p in (path / "data").rglob("*") if p.is_dir()}
 
@@ -226,7 +232,8 @@ def test_thumbnail_annotations_and_lookup(tmp_path: Path) -> None:
     assert got.note == "renamed" and got.pinned and got.meta["kind"] == "manual"
     assert repo.get(a.id[:6]).pinned
     assert repo.checkpoints("t")[0].note == "renamed"
-    assert json.loads(decode(repo.backend.load(f"checkpoints/{a.id}"), None, "m"))["meta"]["note"] == "first"
+    name = f"checkpoints/{a.id}"
+    assert json.loads(decode(repo.master, name.encode(), repo.backend.load(name), None, "m"))["meta"]["note"] == "first"
     with pytest.raises(NotFoundError, match="does not exist"):
         repo.get("0123456789abcdef")
     with pytest.raises(NotFoundError):
@@ -308,7 +315,7 @@ def prunable(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
 
 
 def test_prune_reclaims_and_repacks(tmp_path: Path, prunable: tuple[Path, dict[str, bytes]]) -> None:
-    shutil.copytree(prunable[0], tmp_path / "repo")
+    copy_repo(prunable[0], tmp_path / "repo")
     repo = Repository.open(tmp_path / "repo")
     before = repo.du()
     stats = repo.prune()
@@ -325,7 +332,7 @@ def test_prune_reclaims_and_repacks(tmp_path: Path, prunable: tuple[Path, dict[s
 @pytest.mark.parametrize("kill_at", ["before:index", "after:index", "delete:index", "delete:data", "delete:3"])
 def test_kill_during_prune(tmp_path: Path, prunable: tuple[Path, dict[str, bytes]], kill_at: str) -> None:
     path = tmp_path / "repo"
-    shutil.copytree(prunable[0], path)
+    copy_repo(prunable[0], path)
     run = run_script(tmp_path, str(path), "prune", kill_at=kill_at)
     assert run.returncode == -9, run.stderr
     repo = Repository.open(path)
@@ -443,11 +450,11 @@ def test_stale_locks_are_ignored(tmp_path: Path) -> None:
         "old": {"exclusive": True, "host": "elsewhere", "pid": 1, "time": old},
     }
     for name, info in locks.items():
-        repo.backend.save(f"locks/{name}", encode(json.dumps(info).encode()))
+        repo.backend.save(f"locks/{name}", encode(repo.master, f"locks/{name}".encode(), json.dumps(info).encode()))
     ingest(repo, synthetic_stream(random_pages(10, 1)))
     assert list(repo.backend.list("locks/")) == []
     live = {"exclusive": True, "host": "elsewhere", "pid": 1, "time": now, "purpose": "prune"}
-    repo.backend.save("locks/live", encode(json.dumps(live).encode()))
+    repo.backend.save("locks/live", encode(repo.master, b"locks/live", json.dumps(live).encode()))
     with pytest.raises(RepositoryError, match="locked by prune"):
         repo._lock(False, "test", wait=0.2)
 

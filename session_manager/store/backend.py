@@ -20,6 +20,12 @@ from ..errors import CorruptionError, NotFoundError, RepositoryError
 TEMP_PREFIX = ".tmp-"
 
 
+def check_object_name(name: str) -> str:
+    if not name or name.startswith("/") or ".." in name.split("/"):
+        raise ValueError(f"invalid object name {name!r}")
+    return name
+
+
 class AlreadyExistsError(RepositoryError):
     """An object of that name exists with other content; objects are never overwritten."""
 
@@ -83,6 +89,16 @@ class Backend(ABC):
     def stat(self, name: str) -> int:
         """Size of ``name`` in bytes; NotFoundError if missing."""
 
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """Names starting with ``prefix`` and their sizes in bytes."""
+        sizes = {}
+        for name in self.list(prefix):
+            try:
+                sizes[name] = self.stat(name)
+            except NotFoundError:  # deleted meanwhile
+                pass
+        return sizes
+
     def remove_temporaries(self) -> int:
         """Remove what killed writers left half-written (only when no writer runs); returns how many."""
         return 0
@@ -97,10 +113,11 @@ class LocalBackend(Backend):
         self.root = Path(path)
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def __str__(self) -> str:
+        return str(self.root)
+
     def _path(self, name: str) -> Path:
-        if not name or name.startswith("/") or ".." in name.split("/"):
-            raise ValueError(f"invalid object name {name!r}")
-        return self.root / name
+        return self.root / check_object_name(name)
 
     def create(self) -> NewObject:
         return _LocalObject(self)

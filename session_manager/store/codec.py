@@ -1,15 +1,22 @@
 """Byte formats of everything the repository stores.  Integers are little-endian.
 
+Master key (see keys.py for where it is kept)
+    64 random bytes: a ChaCha20-Poly1305 key for every object but ``config`` and ``keys/*``, then a
+    BLAKE3 key for blob ids.
 Blob ids
-    BLAKE3-256 of the blob's plaintext: 32 bytes in memory, lowercase hex in names and JSON.
-Envelope (each blob in a pack; index, manifest, annotation and lock files)
-    u8 format, payload.  Format 0: the plaintext itself; 1: a zstd frame of it (used only when
-    smaller).  Bit 0x80 is reserved for encryption, which a later version adds: a reader meeting
-    a format it does not know refuses instead of guessing.
-Pack file ``data/<2 hex>/<pack id>`` (pack id = BLAKE3 of the whole file)
-    blob envelopes back to back, then the header: b"SMP1" and per blob (32-byte id, u8 type,
-    u32 offset, u32 length, u32 raw length); last, u32 header length.
-Index file ``index/<id>`` (id = BLAKE3 of the plaintext), an envelope of
+    keyed BLAKE3-256 of the blob's plaintext (the key: the master key's second half), so an id
+    tells nothing about the content to whoever lacks the key; 32 bytes in memory, lowercase hex
+    in names and JSON.
+Envelope (each blob in a pack; pack headers; index, manifest, annotation and lock files)
+    u8 format, 12-byte random nonce, ChaCha20-Poly1305(payload) with its 16-byte tag.  Format 0x80:
+    the payload is the plaintext itself; 0x81: a zstd frame of it (used only when smaller).  The
+    associated data is the format byte and what the envelope is: b"blob:" + blob id, b"pack
+    header", or the object's name; so an envelope moved elsewhere fails authentication.  Random
+    nonces: under a 2**-32 chance of a repeat until 2**32 envelopes (16 TiB of distinct pages).
+Pack file ``data/<2 hex>/<pack id>`` (pack id = plain BLAKE3 of the whole file)
+    blob envelopes back to back, then the header's envelope, of b"SMP1" and per blob (32-byte
+    id, u8 type, u32 offset, u32 length, u32 raw length); last, u32 length of that envelope.
+Index file ``index/<id>`` (id = blob id of the plaintext), an envelope of
     b"SMI1", u32 pack count, per pack: 32-byte pack id, u32 blob count, per blob:
     (32-byte id, u8 type, u32 offset, u32 length, u32 raw length).
 Segment blob: a piece of a migration stream with its pages cut out (see vm/stream.py)
@@ -22,6 +29,7 @@ Map blob: the non-zero chunks of one range of a disk
 from __future__ import annotations
 
 import enum
+import os
 import struct
 import sys
 import threading
@@ -31,12 +39,18 @@ from itertools import accumulate
 
 import blake3
 import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from ..errors import CorruptionError, RepositoryError
+from ..errors import CorruptionError
 
 ID_SIZE = 32
-FORMAT_PLAIN, FORMAT_ZSTD = 0, 1
+KEY_SIZE = 64
+NONCE_SIZE = 12
+FORMAT_PLAIN, FORMAT_ZSTD = 0x80, 0x81
+OVERHEAD = 1 + NONCE_SIZE + 16  # an envelope's bytes beyond its payload
 ZSTD_LEVEL = 3
+PACK_HEADER_AD = b"pack header"
 
 
 class BlobType(enum.IntEnum):
@@ -50,44 +64,65 @@ class BlobType(enum.IntEnum):
 Bytes = bytes | bytearray | memoryview
 
 
-def blob_id(data: Bytes) -> bytes:
-    digest: bytes = blake3.blake3(data).digest()
-    return digest
+class MasterKey:
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) != KEY_SIZE:
+            raise ValueError(f"a master key has {KEY_SIZE} bytes, not {len(raw)}")
+        self.raw = raw
+        self.aead = ChaCha20Poly1305(raw[:32])
+        self._id_key = raw[32:]
+
+    @classmethod
+    def generate(cls) -> MasterKey:
+        return cls(os.urandom(KEY_SIZE))
+
+    def blob_id(self, data: Bytes) -> bytes:
+        digest: bytes = blake3.blake3(data, key=self._id_key).digest()
+        return digest
+
+
+def blob_ad(blob_id: bytes) -> bytes:
+    """The associated data of a blob's envelope."""
+    return b"blob:" + blob_id
 
 
 _local = threading.local()
 
 
-def encode(plain: Bytes) -> bytes:
-    """The envelope of ``plain``: compressed when that is smaller."""
+def encode(key: MasterKey, ad: bytes, plain: Bytes) -> bytes:
+    """The envelope of ``plain``: compressed when that is smaller, then encrypted."""
     cctx = getattr(_local, "cctx", None)
     if cctx is None:
         cctx = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-    packed: bytes = cctx.compress(plain)
-    if len(packed) < len(plain):
-        return b"\x01" + packed
-    return b"\x00" + plain
+    packed: Bytes = cctx.compress(plain)
+    fmt = FORMAT_ZSTD
+    if len(packed) >= len(plain):
+        packed, fmt = plain, FORMAT_PLAIN
+    head = bytes((fmt,))
+    nonce = os.urandom(NONCE_SIZE)
+    return b"".join((head, nonce, key.aead.encrypt(nonce, packed, head + ad)))
 
 
-def decode(stored: Bytes, raw_length: int | None, what: str) -> bytes:
+def decode(key: MasterKey, ad: bytes, stored: Bytes, raw_length: int | None, what: str) -> bytes:
     """The plaintext of an envelope; CorruptionError naming ``what`` when it cannot be."""
     fmt = stored[0] if stored else -1
-    plain: bytes
-    if fmt == FORMAT_PLAIN:
-        plain = bytes(stored[1:])
-    elif fmt == FORMAT_ZSTD:
+    if fmt not in (FORMAT_PLAIN, FORMAT_ZSTD) or len(stored) < OVERHEAD:
+        raise CorruptionError(f"{what} has unknown format {fmt}; run `session-manager check --read-data`.")
+    try:
+        payload = key.aead.decrypt(stored[1:1 + NONCE_SIZE], stored[1 + NONCE_SIZE:], bytes((fmt,)) + ad)
+    except InvalidTag:
+        raise CorruptionError(f"{what} is damaged or was tampered with (it fails authentication); "
+                              "run `session-manager check --read-data`.") from None
+    plain = payload
+    if fmt == FORMAT_ZSTD:
         dctx = getattr(_local, "dctx", None)
         if dctx is None:
             dctx = _local.dctx = zstandard.ZstdDecompressor()
         try:
             # max_output_size makes zstandard allocate once: 4x faster for pages.
-            plain = dctx.decompress(stored[1:], max_output_size=raw_length or 0)
+            plain = dctx.decompress(payload, max_output_size=raw_length or 0)
         except zstandard.ZstdError:
             raise CorruptionError(f"{what} does not decompress; run `session-manager check --read-data`.") from None
-    elif fmt & 0x80:
-        raise RepositoryError(f"{what} is encrypted, which this version cannot read; upgrade session-manager.")
-    else:
-        raise CorruptionError(f"{what} has unknown format {fmt}; run `session-manager check --read-data`.")
     if raw_length is not None and len(plain) != raw_length:
         raise CorruptionError(f"{what} has the wrong length; run `session-manager check --read-data`.")
     return plain
@@ -159,21 +194,24 @@ _ENTRY = struct.Struct(f"<{ID_SIZE}sBIII")  # a blob in a pack header or an inde
 IndexEntry = tuple[bytes, int, int, int, int]  # id, type, offset, length, raw length
 
 
-def encode_pack_header(entries: Sequence[IndexEntry]) -> bytes:
-    header = b"".join([_PACK_MAGIC, *(_ENTRY.pack(*e) for e in entries)])
+def encode_pack_header(key: MasterKey, entries: Sequence[IndexEntry]) -> bytes:
+    header = encode(key, PACK_HEADER_AD, b"".join([_PACK_MAGIC, *(_ENTRY.pack(*e) for e in entries)]))
     return header + _U32.pack(len(header))
 
 
-def decode_pack_header(tail: bytes, what: str) -> list[IndexEntry]:
-    """Entries of a pack whose last bytes are ``tail`` (at least the whole header and its length)."""
+def decode_pack_header(key: MasterKey, tail: bytes, pack_id: str) -> tuple[list[IndexEntry], int]:
+    """(entries, size of the header with its length) of a pack whose last bytes are ``tail``."""
     try:
         (hlen,) = _U32.unpack_from(tail, len(tail) - 4)
-        header = tail[len(tail) - 4 - hlen:len(tail) - 4]
-        if len(header) != hlen or header[:4] != _PACK_MAGIC or (hlen - 4) % _ENTRY.size:
+        stored = tail[len(tail) - 4 - hlen:len(tail) - 4]
+        if len(stored) != hlen:
             raise ValueError
-        return list(_ENTRY.iter_unpack(header[4:]))
+        header = decode(key, PACK_HEADER_AD, stored, None, f"The header of pack {pack_id[:12]}")
+        if header[:4] != _PACK_MAGIC or (len(header) - 4) % _ENTRY.size:
+            raise ValueError
+        return list(_ENTRY.iter_unpack(header[4:])), hlen + 4
     except (ValueError, struct.error):
-        raise CorruptionError(f"{what} has no valid pack header; run `session-manager check`.") from None
+        raise CorruptionError(f"Pack {pack_id[:12]} has no valid header; run `session-manager check`.") from None
 
 
 # -- index files -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import NotFoundError, RepositoryError
 from .backend import Backend
-from .codec import decode, encode
+from .codec import MasterKey, decode, encode
 
 STALE_SECONDS = 30 * 60
 REFRESH_SECONDS = 5 * 60
@@ -38,8 +38,9 @@ def _start_time(pid: int) -> str | None:
 class Lock:
     """A held lock; use as a context manager or call release()."""
 
-    def __init__(self, backend: Backend, exclusive: bool, purpose: str, wait: float) -> None:
+    def __init__(self, backend: Backend, master: MasterKey, exclusive: bool, purpose: str, wait: float) -> None:
         self.backend = backend
+        self.master = master
         self.exclusive = exclusive
         self.purpose = purpose
         self.name = ""
@@ -65,14 +66,14 @@ class Lock:
         info = {"exclusive": self.exclusive, "purpose": self.purpose, "host": socket.gethostname(), "pid": pid,
                 "pid_start": _start_time(pid), "time": datetime.now(timezone.utc).isoformat()}
         name = f"locks/{secrets.token_hex(16)}"
-        self.backend.save(name, encode(json.dumps(info).encode()))
+        self.backend.save(name, encode(self.master, name.encode(), json.dumps(info).encode()))
         self.name = name
 
     def _conflict(self) -> dict[str, Any] | None:
         for name in self.backend.list("locks/"):
             if name == self.name:
                 continue
-            info = read_lock(self.backend, name)
+            info = read_lock(self.backend, self.master, name)
             if info is None:
                 continue
             if is_stale(info):
@@ -100,10 +101,10 @@ class Lock:
         self.release()
 
 
-def read_lock(backend: Backend, name: str) -> dict[str, Any] | None:
+def read_lock(backend: Backend, master: MasterKey, name: str) -> dict[str, Any] | None:
     """A lock's content, or None if it vanished or cannot be read (a torn write is not possible)."""
     try:
-        info = json.loads(decode(backend.load(name), None, name))
+        info = json.loads(decode(master, name.encode(), backend.load(name), None, f"The lock {name}"))
     except NotFoundError:
         return None
     except (RepositoryError, ValueError):

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import blake3
+
 from ..errors import CorruptionError, NotFoundError, UsageError
 from .codec import (
-    blob_id,
+    blob_ad,
     count_entries,
     decode,
     decode_map,
@@ -17,9 +19,9 @@ from .codec import (
     decode_segment,
     encode,
     encode_index,
-    encode_pack_header,
     iter_entries,
 )
+from .backend import AlreadyExistsError
 from .index import BlobTable
 from .writer import Packer
 
@@ -210,11 +212,11 @@ def _check_pack(repo: Repository, table: BlobTable, pack: str, name: str | None,
         else:
             hlen = int.from_bytes(repo.backend.load(name, max(0, size - 4), 4), "little")
             tail = repo.backend.load(name, max(0, size - 4 - hlen), min(size, hlen + 4))
-        entries = decode_pack_header(tail, f"Pack {pack[:12]}")
+        entries, header_size = decode_pack_header(repo.master, tail, pack)
     except (CorruptionError, NotFoundError):
-        return fail("cannot be read or has no valid header")
+        return fail("cannot be read or has no valid header (damaged or tampered with)")
     header = {key: (offset, length, type_, raw) for key, type_, offset, length, raw in entries}
-    if max((o + n for _, _, o, n, _ in entries), default=0) + len(encode_pack_header(entries)) != size:
+    if max((o + n for _, _, o, n, _ in entries), default=0) + header_size != size:
         return fail("does not have the size its header implies")
     damaged = 0
     for pos in positions:
@@ -223,25 +225,27 @@ def _check_pack(repo: Repository, table: BlobTable, pack: str, name: str | None,
             bad[pos] = f"pack {pack[:12]} does not hold it where the index says"
         elif data is not None:
             try:
-                if blob_id(decode(data[offset:offset + length], table.raw[pos], "A blob")) != key:
+                plain = decode(repo.master, blob_ad(key), data[offset:offset + length], table.raw[pos], "A blob")
+                if repo.master.blob_id(plain) != key:
                     raise CorruptionError("hash mismatch")
             except CorruptionError:
-                bad[pos] = f"its copy in pack {pack[:12]} does not match its hash"
+                bad[pos] = f"its copy in pack {pack[:12]} is damaged or was tampered with"
         damaged += pos in bad
     if damaged:
         report.errors.append(f"Pack {pack[:12]} holds {damaged} damaged blobs.")
-    elif data is not None and blob_id(data).hex() != pack:
+    elif data is not None and blake3.blake3(data).hexdigest() != pack:
         report.errors.append(f"Pack {pack[:12]} does not match its hash, though every blob in it does.")
     return None
 
 
 def forget(repo: Repository, session: str, keep_last: int | None, rules: dict[str, int | None],
-           keep_within: timedelta | None, keep_manual: bool, keep_ids: Iterable[str] = ()) -> list[CheckpointInfo]:
+           keep_within: timedelta | None, keep_manual: bool, keep_ids: Iterable[str] = (),
+           kinds: Collection[str] | None = None) -> list[CheckpointInfo]:
     """``rules``: strftime bucket format -> how many of the newest buckets keep their newest checkpoint."""
     if not keep_last and not keep_within and not any(rules.values()):
         raise UsageError("Forget needs at least one rule (keep-last, keep-hourly, keep-daily, keep-weekly, "
                          "keep-monthly or keep-within); nothing was forgotten.")
-    newest_first = repo.checkpoints(session)[::-1]
+    newest_first = [c for c in repo.checkpoints(session)[::-1] if kinds is None or c.meta.get("kind") in kinds]
     keep = {c.id for c in newest_first[:keep_last or 0]} | set(keep_ids)
     keep |= {c.id for c in newest_first if c.pinned or (keep_manual and c.meta.get("kind") == "manual")}
     if keep_within and newest_first:
@@ -297,14 +301,15 @@ def prune(repo: Repository) -> PruneStats:
         keep = [p for p in indexed if p in on_disk and share[p] >= REPACK_BELOW]
         repack = [p for p in indexed if p in on_disk and 0 < share[p] < REPACK_BELOW]
         # 1. the live blobs of mostly dead packs go into new packs
-        packer = Packer(backend, table)
+        packer = Packer(backend, repo.master, table)
         copied = 0
         try:
             for pack in repack:
                 data = memoryview(backend.load(on_disk[pack]))
                 for pos, key, offset, length, raw in live(pack):
                     stored = bytes(data[offset:offset + length])
-                    if blob_id(decode(stored, raw, f"A blob in pack {pack[:12]}")) != key:
+                    what = f"A blob in pack {pack[:12]}"
+                    if repo.master.blob_id(decode(repo.master, blob_ad(key), stored, raw, what)) != key:
                         raise CorruptionError(f"Prune stopped because a blob in pack {pack[:12]} does not match "
                                               "its hash; run `session-manager check --read-data`.")
                     packer.add([(pos, stored)])
@@ -319,8 +324,9 @@ def prune(repo: Repository) -> PruneStats:
         new_index = ""
         if packs:
             plain = encode_index(packs)
-            new_index = f"index/{blob_id(plain).hex()}"
-            backend.save(new_index, encode(plain))
+            new_index = f"index/{repo.master.blob_id(plain).hex()}"
+            if new_index not in old_indexes:  # if it is, it holds this plaintext (encrypted with another nonce)
+                backend.save(new_index, encode(repo.master, new_index.encode(), plain))
         # 3. the old index files
         for name in old_indexes:
             if name != new_index:
@@ -379,3 +385,38 @@ def du(repo: Repository, session: str | None) -> DuStats:
                 stats.stored_bytes += table.length[pos]
         stats.repository_bytes = sum(repo.backend.stat(n) for n in repo.backend.list("data/"))
     return stats
+
+
+def packs_for(repo: Repository, infos: Iterable[CheckpointInfo]) -> set[str]:
+    with repo._lock(False, "finding the packs of checkpoints"):
+        table = repo._index()
+        walker = Walker(repo, table)
+        for info in infos:
+            problems = walker.walk(info)
+            if problems:
+                raise CorruptionError(f"{problems[0].rstrip('.')}; run `session-manager check`.")
+        numbers = {table.pack[pos] for pos, used in enumerate(walker.used) if used}
+        return {f"data/{pack[:2]}/{pack}" for pack in (table.packs[n] for n in numbers)}
+
+
+def index_packs(repo: Repository, names: Iterable[str]) -> str | None:
+    indexed = repo._index().pack_numbers
+    packs = []
+    for name in sorted(names):
+        pack = name.rpartition("/")[2]
+        if pack in indexed:
+            continue
+        size = repo.backend.stat(name)
+        hlen = int.from_bytes(repo.backend.load(name, max(0, size - 4), 4), "little")
+        entries, _ = decode_pack_header(repo.master, repo.backend.load(name, max(0, size - 4 - hlen),
+                                                                       min(size, hlen + 4)), pack)
+        packs.append((bytes.fromhex(pack), len(entries), iter(entries)))
+    if not packs:
+        return None
+    plain = encode_index(packs)
+    index = f"index/{repo.master.blob_id(plain).hex()}"
+    try:
+        repo.backend.save(index, encode(repo.master, index.encode(), plain))
+    except AlreadyExistsError:
+        pass  # it holds this plaintext (encrypted with another nonce)
+    return index

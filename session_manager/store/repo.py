@@ -2,15 +2,22 @@
 
 Layout (names in the backend; byte formats in codec.py)::
 
-    config                      JSON: repository format version and id, written once at creation
+    config                      JSON: format version, id, cipher; plaintext, written once at creation
+    keys/<id>                   the master key wrapped with a passphrase (keys.py); plaintext JSON
     data/<2 hex>/<pack id>      packs: compressed blobs (pages, segments, disk chunks, disk maps, thumbnails)
     index/<id>                  which blobs the packs of one writer run (or one prune) hold
     checkpoints/<ckpt id>       manifests (JSON envelopes): a checkpoint exists exactly when its manifest does
     annotations/<ckpt id>-<n>   user annotations (note, pinned) of a checkpoint: the highest n wins
     locks/<id>                  lock.py: shared for writers and readers, exclusive for prune
 
-Every object is written once, atomically, and never changed; only prune, forget and
-delete_checkpoint remove objects.
+Every object is written once, atomically, and never changed; only prune, forget,
+delete_checkpoint and removing a passphrase remove objects.
+
+Everything but ``config`` and ``keys/*`` is encrypted and authenticated with the master key,
+and blob ids are keyed hashes (codec.py): whoever holds the repository without its key (a
+server it is replicated to) sees only sizes and times.  A pack is named by the plain BLAKE3
+of its (encrypted) bytes, and the authenticated index files list the packs by those names, so
+hashing a pack authenticates it too.
 
 Write order of a checkpoint: packs -> index file -> manifest.  When the manifest appears,
 every blob it needs is in a pack that an index file lists, so a crash (kill -9) at any point
@@ -26,11 +33,13 @@ indexed and present; the next prune finishes the job.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -39,17 +48,20 @@ from typing import Any
 import blake3
 
 from ..errors import CorruptionError, NotFoundError, RepositoryError
+from . import keys as repo_keys
 from . import maintenance
 from .backend import AlreadyExistsError, Backend, LocalBackend
-from .codec import blob_id, decode, decode_index, decode_map, decode_segment, encode, iter_entries
+from .codec import MasterKey, blob_ad, decode, decode_index, decode_map, decode_segment, encode, iter_entries
 from .index import PENDING, BlobTable
+from .keys import KeyInfo
 from .lock import Lock
 from .maintenance import CheckReport, DuStats, PruneStats
 from .writer import FORMAT_VERSION, MemoryStats, Writer
 
-__all__ = ["CheckReport", "CheckpointInfo", "DuStats", "MemoryStats", "PruneStats", "Repository", "Writer"]
+__all__ = ["CheckReport", "CheckpointInfo", "DuStats", "KeyInfo", "MemoryStats", "PruneStats", "Repository", "Writer"]
 
 STREAM_CHUNK = 1 << 20  # memory_stream yields about this much at a time
+ENCRYPTION = "chacha20-poly1305"
 READ_GAP = 256 << 10  # blobs this close in a pack are read in one go
 READ_MAX = 8 << 20
 VERIFY_READ = 16 << 20
@@ -87,8 +99,10 @@ class CheckpointInfo:
 
 
 class Repository:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, repo_id: str, master: MasterKey) -> None:
         self.backend = backend
+        self.id = repo_id
+        self.master = master
         self._table = BlobTable()
         self._index_names: set[str] = set()
         self._index_lock = threading.Lock()
@@ -96,33 +110,64 @@ class Repository:
         self._annotations: dict[str, dict[str, Any]] = {}
 
     @classmethod
-    def open(cls, path: str | Path, create: bool = False) -> Repository:
+    def open(cls, path: str | Path, create: bool = False, passphrase: str | None = None) -> Repository:
+        """The repository in directory ``path``, unlocked (see keys.py); ``create`` makes it if need be."""
         root = Path(path)
-        if not (root / "config").exists() and not create:
-            raise NotFoundError(f"No checkpoint repository exists at {root}; create one by taking a checkpoint.")
-        backend = LocalBackend(root)
+        keyfile = repo_keys.keyfile_for(root)
         if not (root / "config").exists():
-            for sub in ("index", "checkpoints", "annotations", "locks", *(f"data/{i:02x}" for i in range(256))):
+            if not create:
+                raise NotFoundError(f"No checkpoint repository exists at {root}; create one by taking a checkpoint.")
+            for sub in ("index", "checkpoints", "annotations", "locks", "keys", *(f"data/{i:02x}" for i in range(256))):
                 (root / sub).mkdir(parents=True, exist_ok=True)
-            config = {"version": FORMAT_VERSION, "id": secrets.token_hex(16),
-                      "created": datetime.now(timezone.utc).isoformat()}
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                backend.save("config", json.dumps(config).encode())
-            except AlreadyExistsError:
-                pass  # another process created it at the same moment
+                fcntl.flock(fd, fcntl.LOCK_EX)  # of processes creating it at once, the first does
+                if not (root / "config").exists():
+                    repo_id = secrets.token_hex(16)
+                    repo_keys.create(repo_id, str(root), keyfile)
+                    config = {"version": FORMAT_VERSION, "id": repo_id, "encryption": ENCRYPTION,
+                              "created": datetime.now(timezone.utc).isoformat()}
+                    LocalBackend(root).save("config", json.dumps(config).encode())
+            finally:
+                os.close(fd)
+        return cls.unlock(LocalBackend(root), str(root), keyfile, passphrase)
+
+    @classmethod
+    def unlock(cls, backend: Backend, where: str, keyfile: Path | None = None,
+               passphrase: str | None = None) -> Repository:
+        """The repository in ``backend`` (``where`` names it in messages), with its master key (keys.unlock)."""
         try:
             config = json.loads(backend.load("config"))
             version = config["version"]
+            repo_id = config["id"]
+            if version == FORMAT_VERSION and (config["encryption"] != ENCRYPTION or not isinstance(repo_id, str)):
+                raise ValueError
         except (ValueError, KeyError, TypeError):
-            raise CorruptionError(f"The repository configuration {root / 'config'} is damaged; "
+            raise CorruptionError(f"The repository configuration of {where} is damaged; "
                                   "restore it from a backup of the repository.") from None
+        if version == 1:
+            raise RepositoryError(f"The repository at {where} is from an earlier session-manager that did not "
+                                  "encrypt, and this version cannot read it; move it aside and take a new checkpoint.")
         if version != FORMAT_VERSION:
-            raise RepositoryError(f"The repository at {root} has format {version}, which this version of "
+            raise RepositoryError(f"The repository at {where} has format {version}, which this version of "
                                   "session-manager cannot use; upgrade session-manager.")
-        return cls(backend)
+        return cls(backend, repo_id, repo_keys.unlock(backend, repo_id, where, keyfile, passphrase))
+
+    # -- passphrases -----------------------------------------------------------------------------
+
+    def add_key(self, passphrase: str) -> KeyInfo:
+        """A new passphrase that unlocks the repository (on any computer)."""
+        return repo_keys.add(self.backend, self.master, self.id, passphrase)
+
+    def keys(self) -> list[KeyInfo]:
+        return repo_keys.list_keys(self.backend)
+
+    def remove_key(self, ref: str) -> KeyInfo:
+        """Remove a passphrase (by key id or unique prefix); the last one stays."""
+        return repo_keys.remove(self.backend, ref)
 
     def _lock(self, exclusive: bool, purpose: str, wait: float = LOCK_WAIT) -> Lock:
-        return Lock(self.backend, exclusive, purpose, wait)
+        return Lock(self.backend, self.master, exclusive, purpose, wait)
 
     def writer(self, session: str, parent: str | None = None, ckpt_id: str | None = None) -> Writer:
         return Writer(self, session, parent, ckpt_id)
@@ -145,7 +190,8 @@ class Repository:
             return self._table.copy() if copy else self._table
 
     def _load_index(self, name: str) -> list[tuple[bytes, memoryview]]:
-        return decode_index(decode(self.backend.load(name), None, f"index file {name}"), f"index file {name}")
+        plain = decode(self.master, name.encode(), self.backend.load(name), None, f"The index file {name}")
+        return decode_index(plain, f"The index file {name}")
 
     def _fetch(self, table: BlobTable, keys: Sequence[bytes], what: str, verify: bool = False) -> list[bytes]:
         """The plaintexts of blobs, reading neighbours in one go; CorruptionError naming ``what``."""
@@ -177,10 +223,11 @@ class Repository:
             except (NotFoundError, CorruptionError):
                 raise CorruptionError(f"The pack {table.packs[pack][:12]} holding data of {what} is missing or "
                                       "truncated; run `session-manager check`.") from None
-            for q in positions[i:j]:
+            for q, key in zip(positions[i:j], keys[i:j]):
                 at = offset[q] - start
-                plain = decode(buf[at:at + length[q]], table.raw[q], f"A blob of {what}")
-                if verify and blob_id(plain) != table.key(q):
+                plain = decode(self.master, blob_ad(key), buf[at:at + length[q]], table.raw[q],
+                               f"A blob of {what} in pack {table.packs[pack][:12]}")
+                if verify and self.master.blob_id(plain) != key:
                     raise CorruptionError(f"A blob ({table.key(q).hex()[:12]}) of {what} does not match its hash; "
                                           "run `session-manager check --read-data`.")
                 out.append(plain)
@@ -196,7 +243,8 @@ class Repository:
             raise NotFoundError(f"Checkpoint {ckpt_id} does not exist; list them with "
                                 "`session-manager checkpoints SESSION`.") from None
         try:
-            m: dict[str, Any] = json.loads(decode(data, None, f"The manifest of checkpoint {ckpt_id[:8]}"))
+            m: dict[str, Any] = json.loads(decode(self.master, f"checkpoints/{ckpt_id}".encode(), data, None,
+                                                  f"The manifest of checkpoint {ckpt_id[:8]}"))
             if m["id"] != ckpt_id:
                 raise ValueError
         except (ValueError, KeyError, TypeError):
@@ -226,7 +274,8 @@ class Repository:
         for ckpt_id, (_, name) in latest.items():
             if name not in self._annotations:
                 try:
-                    self._annotations[name] = json.loads(decode(self.backend.load(name), None, name))
+                    plain = decode(self.master, name.encode(), self.backend.load(name), None, f"The annotation {name}")
+                    self._annotations[name] = json.loads(plain)
                 except (NotFoundError, ValueError, CorruptionError):
                     continue
             out[ckpt_id] = self._annotations[name]
@@ -278,11 +327,11 @@ class Repository:
         numbers = [int(n.removeprefix(prefix)) for n in self.backend.list(prefix) if n.removeprefix(prefix).isdigit()]
         current = self._latest_annotations().get(info.id, {})
         update = {k: v for k, v in (("note", note), ("pinned", pinned)) if v is not None}
-        data = encode(json.dumps({**current, **update}).encode())
+        plain = json.dumps({**current, **update}).encode()
         n = max(numbers, default=0) + 1
         while True:
             try:
-                self.backend.save(f"{prefix}{n}", data)
+                self.backend.save(f"{prefix}{n}", encode(self.master, f"{prefix}{n}".encode(), plain))
                 break
             except AlreadyExistsError:  # someone annotated at the same moment; ours comes after
                 n += 1
@@ -343,8 +392,8 @@ class Repository:
             raise CorruptionError(f"The pack {pack_id[:12]} holding data of {what} is missing; "
                                   "run `session-manager check`.") from None
         if hasher.hexdigest() != pack_id:
-            raise CorruptionError(f"The pack {pack_id[:12]} holding data of {what} is damaged (its hash does not "
-                                  "match); run `session-manager check` to see what else it affects.")
+            raise CorruptionError(f"The pack {pack_id[:12]} holding data of {what} is damaged or was tampered with "
+                                  "(its hash does not match); run `session-manager check` to see what else it affects.")
 
     def memory_stream(self, ckpt: CheckpointInfo | str) -> Iterator[bytes]:
         """The checkpoint's migration stream, byte for byte as QEMU wrote it, about 1 MiB at a time."""
@@ -411,16 +460,17 @@ class Repository:
     def forget(self, session: str, keep_last: int | None = None, keep_hourly: int | None = None,
                keep_daily: int | None = None, keep_weekly: int | None = None, keep_monthly: int | None = None,
                keep_within: timedelta | None = None, keep_manual: bool = True,
-               keep_ids: Sequence[str] = ()) -> list[CheckpointInfo]:
+               keep_ids: Sequence[str] = (), kinds: Collection[str] | None = None) -> list[CheckpointInfo]:
         """Delete the manifests of ``session``'s checkpoints that no rule keeps; returns those.
 
         Rules as in restic: the newest ``keep_last``; the newest checkpoint of each of the last
         ``keep_hourly`` hours (days, ISO weeks, months; local time) that have one; those within
         ``keep_within`` of the newest.  Pinned checkpoints always stay, manual ones (meta kind
-        "manual") while ``keep_manual``, and those in ``keep_ids``.
+        "manual") while ``keep_manual``, and those in ``keep_ids``.  With ``kinds``, the rules see
+        only checkpoints of those kinds (meta "kind") and every other checkpoint stays.
         """
         rules = {"%Y-%m-%d %H": keep_hourly, "%Y-%m-%d": keep_daily, "%G-W%V": keep_weekly, "%Y-%m": keep_monthly}
-        return maintenance.forget(self, session, keep_last, rules, keep_within, keep_manual, keep_ids)
+        return maintenance.forget(self, session, keep_last, rules, keep_within, keep_manual, keep_ids, kinds)
 
     def prune(self) -> PruneStats:
         """Remove what no checkpoint uses, repacking packs that are mostly garbage (order: module doc)."""
@@ -429,6 +479,17 @@ class Repository:
     def du(self, session: str | None = None) -> DuStats:
         """Sizes: logical, distinct, stored; ratios; what each checkpoint added when written."""
         return maintenance.du(self, session)
+
+    # -- copying (replicate.py) --------------------------------------------------------------------
+
+    def packs_for(self, ckpts: Iterable[CheckpointInfo | str]) -> set[str]:
+        """The names of the packs holding every blob these checkpoints need; CorruptionError if one is missing."""
+        return maintenance.packs_for(self, [self._resolve(c) for c in ckpts])
+
+    def index_packs(self, names: Iterable[str]) -> str | None:
+        """Index the packs ``names`` (copied in from elsewhere) that no index file lists yet, from their
+        headers; returns the new index file's name, if one was needed."""
+        return maintenance.index_packs(self, names)
 
 
 def _without_segments(m: dict[str, Any]) -> dict[str, Any]:

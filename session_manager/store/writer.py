@@ -1,4 +1,4 @@
-"""Adding a checkpoint: hashing, deduplicating, compressing and packing blobs (see repo.py)."""
+"""Adding a checkpoint: hashing, deduplicating, compressing, encrypting and packing blobs (see repo.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from .backend import Backend, NewObject
 from .codec import (
     BlobType,
     IndexEntry,
-    blob_id,
+    MasterKey,
+    blob_ad,
     decode_map,
     encode,
     encode_index,
@@ -34,7 +35,7 @@ from .index import BlobTable
 if TYPE_CHECKING:
     from .repo import CheckpointInfo, Repository
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: encrypted
 PACK_SIZE = 16 << 20
 BLOCK_SIZE = 1 << 20  # packs are written in blocks of about this size
 CHUNK_SIZE = 64 << 10  # disk chunk
@@ -73,8 +74,9 @@ class Packer:
     never waits for the disk and only a few blocks are in memory.
     """
 
-    def __init__(self, backend: Backend, table: BlobTable) -> None:
+    def __init__(self, backend: Backend, master: MasterKey, table: BlobTable) -> None:
         self.backend = backend
+        self.master = master
         self.table = table
         self.written: list[str] = []  # names of the packs saved so far
         self._done: list[tuple[str, array[int]]] = []  # their ids and the table positions of their blobs
@@ -132,7 +134,7 @@ class Packer:
         """End the current pack (if it has blobs)."""
         if not self._entries:
             return
-        self._block.append(encode_pack_header(self._entries))
+        self._block.append(encode_pack_header(self.master, self._entries))
         obj = self._hand_off()
         self._writes.append(self._writer.submit(self._seal, obj, self._hasher, self._number, self._positions))
         self._start()
@@ -207,7 +209,7 @@ class Writer:
         self._lock = self.repo._lock(False, f"a checkpoint of session {self.session!r}")
         try:
             self._table = self.repo._index(copy=True)
-            self._packer = Packer(self.repo.backend, self._table)
+            self._packer = Packer(self.repo.backend, self.repo.master, self._table)
             self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="blob-hasher")
         except BaseException:
             self._lock.release()
@@ -239,9 +241,9 @@ class Writer:
 
     def _put(self, plain: bytes, type_: BlobType) -> tuple[bytes, int]:
         """Store one blob from the caller's thread: (id, bytes added)."""
-        key = blob_id(plain)
+        key = self.repo.master.blob_id(plain)
         claimed = self._claim([key], type_, [len(plain)])
-        return key, self._store([(pos, encode(plain)) for _, pos in claimed])
+        return key, self._store([(pos, encode(self.repo.master, blob_ad(key), plain)) for _, pos in claimed])
 
     # -- memory --------------------------------------------------------------------------------
 
@@ -282,13 +284,14 @@ class Writer:
 
     def _prepare_segment(self, seg: SegmentLike) -> tuple[bytes, Prepared, int, bool]:
         """In a worker: hash the pages and the segment, claim the new ones, compress those."""
-        page_ids = [blob_id(p) for p in seg.pages]
+        master = self.repo.master
+        page_ids = [master.blob_id(p) for p in seg.pages]
         plain = encode_segment(seg.data, seg.page_offsets, page_ids)
-        key = blob_id(plain)
+        key = master.blob_id(plain)
         claimed = self._claim(page_ids, BlobType.PAGE, [len(p) for p in seg.pages])
-        blobs = [(pos, encode(seg.pages[i])) for i, pos in claimed]
+        blobs = [(pos, encode(master, blob_ad(page_ids[i]), seg.pages[i])) for i, pos in claimed]
         seg_claim = self._claim([key], BlobType.SEGMENT, [len(plain)])
-        blobs += [(pos, encode(plain)) for _, pos in seg_claim]
+        blobs += [(pos, encode(master, blob_ad(key), plain)) for _, pos in seg_claim]
         return key, blobs, len(claimed), bool(seg_claim)
 
     # -- disk ------------------------------------------------------------------------------------
@@ -355,8 +358,9 @@ class Writer:
         return added
 
     def _prepare_chunk(self, data: bytes) -> tuple[bytes, Prepared]:
-        key = blob_id(data)
-        return key, [(pos, encode(data)) for _, pos in self._claim([key], BlobType.CHUNK, [len(data)])]
+        key = self.repo.master.blob_id(data)
+        claimed = self._claim([key], BlobType.CHUNK, [len(data)])
+        return key, [(pos, encode(self.repo.master, blob_ad(key), data)) for _, pos in claimed]
 
     # -- the rest --------------------------------------------------------------------------------
 
@@ -376,7 +380,8 @@ class Writer:
         packs = self._packer.index_entries()
         if packs:
             plain = encode_index(packs)
-            self.repo.backend.save(f"index/{blob_id(plain).hex()}", encode(plain))
+            name = f"index/{self.repo.master.blob_id(plain).hex()}"
+            self.repo.backend.save(name, encode(self.repo.master, name.encode(), plain))
         manifest = {
             "version": FORMAT_VERSION,
             "id": self.id,
@@ -389,5 +394,6 @@ class Writer:
             "thumbnail": self._thumbnail,
             "added_bytes": self._added,
         }
-        self.repo.backend.save(f"checkpoints/{self.id}", encode(json.dumps(manifest).encode()))
+        name = f"checkpoints/{self.id}"
+        self.repo.backend.save(name, encode(self.repo.master, name.encode(), json.dumps(manifest).encode()))
         return self.repo._info(manifest, {})

@@ -89,7 +89,7 @@ def choose_accelerator(cache_dir: Path, guest: Callable[[], tuple[Path, Path]]) 
     reboots or QEMU changes.
     """
     qemu = find_qemu()
-    key = {"boot_id": _boot_id(), "qemu": qemu.version_text}
+    key = {"boot_id": boot_id(), "qemu": qemu.version_text}
     cache_file = cache_dir / "accelerator.json"
     try:
         cached = json.loads(cache_file.read_text())
@@ -139,7 +139,7 @@ def _probe_kvm(qemu: Qemu, kernel: Path, initrd: Path) -> Accel:
             proc.wait()
 
 
-def _boot_id() -> str:
+def boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
