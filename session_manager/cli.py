@@ -23,7 +23,17 @@ from .daemon import Daemon, recovered_message
 from .engine import DEMO_NAME, UFFD_ADVICE, Engine
 from .errors import SessionManagerError, UsageError
 from .paths import HOME_ENV, Home
-from .remotes import KEY_ENV, SECRET_ENV, Remote, Remotes, local_target, open_remote, remote_sessions, resume
+from .remotes import (
+    KEY_ENV,
+    SECRET_ENV,
+    Remote,
+    Remotes,
+    local_target,
+    open_remote,
+    remote_sessions,
+    replicators,
+    resume,
+)
 from .store import keys as repo_keys
 from .store.replicate import Transfer, TransferProgress, replicate
 from .store.repo import CheckpointInfo
@@ -154,8 +164,17 @@ class Cli:
     def daemon(self) -> None:
         for name in self.args.session or ():
             self.engine.session(name)
-        asyncio.run(Daemon(self.engine, self.args.session, interval_s=self.args.interval,
-                           recover=self.args.recover).serve())
+        async def serve() -> None:
+            say = lambda name, text: print(text, flush=True)  # noqa: E731
+            reps = replicators(self.engine, say)
+            daemon = Daemon(self.engine, self.args.session, interval_s=self.args.interval, recover=self.args.recover,
+                            background=[r.run for r in reps])
+            daemon.wakes.extend(r.wake for r in reps)
+            for r in reps:
+                print(f"Backing up every new checkpoint to {r.remote.name} ({r.remote.url}).", flush=True)
+            await daemon.serve()
+
+        asyncio.run(serve())
 
     @staticmethod
     def _status_text(st: Any) -> str:

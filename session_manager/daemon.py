@@ -32,7 +32,7 @@ RECOVER_AGAIN_AFTER = 300.0  # seconds: a session that crashes again sooner afte
 
 Background = Callable[[], Awaitable[None]]
 """Work that runs beside the autosaver until the daemon stops and cancels it.  Continuous replication goes
-here: ``lambda: replicate_forever(engine.repo, remote, wake=daemon.autosaved)`` (store/replicate.py)."""
+here: remotes.replicators() gives one replicate_forever per remote (store/replicate.py)."""
 
 
 def crash_message(engine: Engine, name: str) -> str:
@@ -60,7 +60,7 @@ class Daemon:
         self._stamp = self._settings_stamp()
         self.autosaver = Autosaver(engine, self._read_policy(), sessions, on_saved=self._saved,
                                    on_failed=lambda name, why: print(f"Autosave of {name} failed: {why}", flush=True))
-        self.autosaved = asyncio.Event()  # set after each autosave (for whoever copies checkpoints elsewhere)
+        self.wakes: list[asyncio.Event] = []  # set after each autosave (for whoever copies checkpoints elsewhere)
         self._recovering: str | None = None
         self._recovered: dict[str, float] = {}  # session -> when the daemon last recovered it (monotonic)
 
@@ -133,7 +133,8 @@ class Daemon:
         self._say(recovered_message(name, ckpt))
 
     def _saved(self, name: str, ckpt: CheckpointInfo) -> None:
-        self.autosaved.set()
+        for wake in self.wakes:
+            wake.set()
         self._say(f"Autosaved {name}: checkpoint {ckpt.id[:8]}, paused {ckpt.meta['pause_ms']:.1f} ms.")
 
     def _names(self) -> list[str]:

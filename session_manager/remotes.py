@@ -10,12 +10,14 @@ when both are set, take precedence (headless machines have no keyring).
 from __future__ import annotations
 
 import asyncio
+import functools
 import getpass
 import json
 import os
 import re
 import sys
 import tomllib
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -23,13 +25,13 @@ from urllib.parse import unquote, urlsplit
 import tomli_w
 
 from .engine import Engine, Progress, Status
-from .errors import NotFoundError, RepositoryError, UsageError
+from .errors import NotFoundError, RepositoryError, SessionManagerError, UsageError
 from .keychain import KeyringUnavailable, delete_secret, get_secret, set_secret
 from .paths import Home
 from .sessions import Session
 from .store.backend import Backend, LocalBackend
 from .store.keys import keyfile_for
-from .store.replicate import Transfer, TransferProgress, replicate
+from .store.replicate import Transfer, TransferProgress, replicate, replicate_forever
 from .store.repo import CheckpointInfo, Repository
 from .store.s3 import S3Backend, check_endpoint
 
@@ -251,3 +253,39 @@ async def resume(engine: Engine, remote: Repository, ckpt: CheckpointInfo, *, li
         await engine.restore(ckpt.session, local.id, progress=progress)
         return await engine.status(ckpt.session), sent
     return await engine.adopt(local, progress=progress), sent
+
+
+@dataclass
+class Replicator:
+    """Continuous replication of this computer's repository to one remote: ``run`` until cancelled; set ``wake``
+    after a checkpoint to push it at once."""
+
+    remote: Remote
+    run: Callable[[], Awaitable[None]]
+    wake: asyncio.Event
+
+
+def replicators(engine: Engine, on_error: Callable[[str, str], None],
+                progress: Callable[[str, Transfer], None] | None = None) -> list[Replicator]:
+    """One Replicator per configured remote; a remote that cannot be used (no credentials) is reported and skipped."""
+    remotes, out = Remotes(engine.home), []
+    for remote in remotes.all():
+        try:
+            backend = remotes.backend(remote)
+        except SessionManagerError as e:
+            on_error(remote.name, f"Not backing up to {remote.name}: {e}")
+            continue
+        wake = asyncio.Event()
+
+        def failed(e: SessionManagerError, delay: float, name: str = remote.name) -> None:
+            on_error(name, f"Backing up to {name} failed ({e}); trying again in {delay:.0f} s, checkpoints are "
+                           "kept here meanwhile.")
+
+        def pushed(t: Transfer, name: str = remote.name) -> None:
+            if progress is not None:
+                progress(name, t)
+
+        out.append(Replicator(remote, functools.partial(
+            replicate_forever, engine.repo, backend, limit=remote.limit, wake=wake, on_error=failed,
+            progress=pushed), wake))
+    return out

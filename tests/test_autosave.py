@@ -276,6 +276,8 @@ def test_daemon_autosaves_and_keeps_what_the_policy_says(sm: Sm, guest: tuple[Pa
     (sm.home / "config").mkdir(parents=True, exist_ok=True)
     (sm.home / "config" / "settings.toml").write_text(
         "autosave_keep_last = 2\nautosave_keep_minutes = 0\nautosave_keep_hourly = 0\nautosave_keep_daily = 0\n")
+    share = sm.home.parent / "share"
+    sm("remote", "add", "share", str(share))  # the daemon backs every new checkpoint up there
     daemon = sm.popen_until("Daemon watching", "daemon", "--interval", "5s")
     try:
         first = wait_log(sm, r"Autosaved auto: checkpoint (\w{8})")[0][1]
@@ -295,6 +297,9 @@ def test_daemon_autosaves_and_keeps_what_the_policy_says(sm: Sm, guest: tuple[Pa
     assert sm("check", "--read-data").returncode == 0
     assert sm("status", "auto", "--json").json()["run_state"] == "running"  # a stopped daemon leaves it running
     serial.wait_counter(len(serial.counters()) + 2)
+    assert "Backing up every new checkpoint to share" in out
+    backed_up = {name[:8] for name in os.listdir(share / "checkpoints")}
+    assert {first, manual[:8], *autosaves[:-1]} <= backed_up  # pushed as they were taken (the last may be in flight)
 
 
 @pytest.mark.qemu
