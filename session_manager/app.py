@@ -21,9 +21,11 @@ from .engine import Engine
 from .errors import SessionManagerError
 from .paths import Home
 from .resources import APP_ID, icon_path
+from .services.background import BackgroundWork
 from .services.session import SessionService
+from .store.repo import CheckpointInfo
 from .settings import Settings
-from .ui.dialogs import confirm_restore
+from .ui.dialogs import confirm_restore, pause_text, when
 from .ui.firstrun import FirstRunDialog, NewSession
 from .ui.hotkey import GlobalHotkey
 from .ui.settings_dialog import SettingsDialog
@@ -81,6 +83,7 @@ class App(QObject):
         self.hotkey = GlobalHotkey(self)
         self.tray = Tray(self.service, settings.checkpoint_shortcut, self) \
             if QSystemTrayIcon.isSystemTrayAvailable() else None
+        self.background = BackgroundWork(engine, settings, name, self)
         self.finished: asyncio.Future[None] = asyncio.get_event_loop().create_future()
 
         self.window.restoreRequested.connect(self.request_restore)
@@ -90,6 +93,11 @@ class App(QObject):
         self.window.viewer.shortcutPressed.connect(self._viewer_shortcut)
         self.timeline.restoreRequested.connect(self.request_restore)
         self.hotkey.activated.connect(lambda: self.service.checkpoint_now())
+        self.service.checkpointTaken.connect(lambda _: self.background.checkpoint_taken())
+        self.background.autosaved.connect(self._autosaved)
+        self.background.autosaveFailed.connect(lambda _, why: self.window.statusBar().showMessage(why, 30000))
+        self.background.backupProgress.connect(self._backup_progress)
+        self.background.backupFailed.connect(lambda _, why: self.window.backup_label.setText(why))
         if self.tray:
             self.tray.openRequested.connect(self.show_window)
             self.tray.timelineRequested.connect(self.show_timeline)
@@ -113,6 +121,16 @@ class App(QObject):
         if self.tray:
             self.tray.shortcut = s.checkpoint_shortcut
             self.tray.notifications = s.show_notifications
+
+    def _autosaved(self, _: str, info: CheckpointInfo) -> None:
+        self.window.statusBar().showMessage(
+            f"Autosaved at {when(info)}: paused {pause_text(info.meta.get('pause_ms', 0))}", 10000)
+        if self.tray:
+            self.tray.refresh()
+
+    def _backup_progress(self, remote: str, done: int, total: int) -> None:
+        self.window.backup_label.setText(f"Backed up to {remote}" if done >= total else
+                                         f"Backing up to {remote}: {done / max(total, 1):.0%}")
 
     def _viewer_shortcut(self, sequence: str) -> None:
         if sequence == FULL_SCREEN:
@@ -140,6 +158,7 @@ class App(QObject):
             self.settings = dialog.settings()
             self.settings.save(self.engine.home)
             self.apply_settings()
+            self.background.set_policy(self.settings)
 
     def request_restore(self, ckpt_id: str) -> None:
         """Every way of rolling back (drop, double-click, menus) ends here: confirm, then restore."""
@@ -160,11 +179,16 @@ class App(QObject):
             self.quit()
 
     def quit(self) -> None:
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+    async def close(self) -> None:
+        """Stop everything the app does; the session itself keeps running."""
         self.hotkey.unregister()
         self.service.close()
         self.window.viewer.disconnect_()
-        if not self.finished.done():
-            self.finished.set_result(None)
+        await self.background.stop()
+        await self.window.viewer.wait_closed()
 
 
 def _first_run(engine: Engine) -> tuple[str, NewSession | None] | None:
@@ -222,7 +246,7 @@ def run(home: Home, session: str | None = None) -> int:
         instance.raiseRequested.connect(controller.show_window)
         controller.show_window()
         await controller.finished
-        await controller.window.viewer.wait_closed()
+        await controller.close()
         return None
 
     with loop:

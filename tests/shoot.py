@@ -59,7 +59,7 @@ async def shoot(home: Path, name: str, out: Path) -> dict[str, object]:
     screen = QGuiApplication.primaryScreen()
     screen.grabWindow(0, area.x(), area.y(), area.width(), area.height()).save(str(out / "tray-menu.png"))
     menu.hide()
-    app.quit()
+    await app.close()
     return {"tray": QSystemTrayIcon.isSystemTrayAvailable(), "files": sorted(p.name for p in out.glob("*.png"))}
 
 

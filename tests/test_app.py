@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -128,7 +130,7 @@ def test_shortcut_checkpoints_and_dropping_it_rolls_back(sm: Sm, guest: tuple[Pa
 
     aloop.run_until_complete(scenario())
     assert "key s" not in serial.text()  # the shortcut went to the app, not to the guest
-    app.quit()
+    aloop.run_until_complete(app.close())
 
 
 def test_tray_menu_of_a_stopped_session(sm: Sm, guest: tuple[Path, Path], aloop, qtbot) -> None:  # noqa: ANN001
@@ -144,7 +146,7 @@ def test_tray_menu_of_a_stopped_session(sm: Sm, guest: tuple[Path, Path], aloop,
     app.window.show()
     assert app.window.pages.currentWidget() is app.window.stopped_page
     assert app.window.start_button.isEnabled()
-    app.quit()
+    aloop.run_until_complete(app.close())
 
 
 def test_first_run_offers_the_demo_and_checks_a_new_session(qtbot, tmp_path: Path) -> None:  # noqa: ANN001
@@ -188,3 +190,40 @@ def test_second_start_brings_the_first_forward(sm: Sm, guest: tuple[Path, Path])
     finally:
         first.terminate()
         first.communicate(timeout=30)
+
+
+@pytest.mark.qemu
+def test_a_killed_session_is_noticed_and_restored_from_its_latest_checkpoint(
+        sm: Sm, guest: tuple[Path, Path], aloop, qtbot, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("SESSION_MANAGER_ACCEL", "tcg")
+    sm.new_guest("fragile", guest)
+    sm("start", "fragile")
+    serial = sm.serial("fragile")
+    serial.wait_counter(2)
+    ckpt = sm("checkpoint", "fragile", "--json").json()
+    at = serial.counters()[-1]
+    app = App(Engine(Home.locate(sm.home)), "fragile", Settings(autosave_minutes=0))
+    window, service = app.window, app.service
+    window.show()
+
+    async def scenario() -> None:
+        await until(lambda: serial.counters()[-1] >= at + 3, 60, "the guest counting on")
+        with qtbot.waitSignal(service.crashed, timeout=10_000) as crashed:
+            killed = time.monotonic()
+            os.kill(sm("status", "fragile", "--json").json()["pid"], signal.SIGKILL)
+            await until(lambda: crashed.signal_triggered, 10, "the crash being noticed")
+        assert time.monotonic() - killed < 3  # the promise is 2 s; a loaded test machine gets a little more
+        assert "QEMU was killed" in crashed.args[0]
+        assert window.pages.currentWidget() is window.stopped_page
+        assert "stopped unexpectedly" in window.stopped_text.text()
+        assert window.start_button.text() == "Restore the latest checkpoint"
+        window.start_button.click()
+        await until(lambda: service.state == State.RUNNING and not service.busy, 120, "the recovery")
+        start = serial.last_start()
+        await until(lambda: serial.counters(start), 60, "the guest counting after the recovery")
+        assert ckpt["id"] in serial.text()[start:start + 200]  # the marker names the restored checkpoint
+        assert serial.counters(start)[0] <= at + 1
+        assert service.crash is None and window.pages.currentWidget() is window.viewer
+
+    aloop.run_until_complete(scenario())
+    aloop.run_until_complete(app.close())

@@ -49,6 +49,7 @@ class SessionService(QObject):
     restored = Signal(object)  # CheckpointInfo restored to
     failed = Signal(str)  # one sentence for the user
     info = Signal(str)  # one sentence for the user
+    crashed = Signal(str)  # why the session's machine stopped without being asked to
 
     def __init__(self, engine: Engine, name: str, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -59,6 +60,7 @@ class SessionService(QObject):
         self.checkpoints: list[CheckpointInfo] = []
         self.head: str | None = None
         self.error: str | None = None  # the last operation's failure, until an operation succeeds
+        self.crash: str | None = None  # why the machine stopped unexpectedly, until it runs again
         self._op: asyncio.Task[Any] | None = None
         self._cancel = False
         self._poll = QTimer(self, interval=POLL_MS, timeout=self._check_process)
@@ -107,6 +109,7 @@ class SessionService(QObject):
         return self._run(State.RESTORING, run)
 
     def start(self) -> asyncio.Task[Any] | None:
+        """Boot or resume the session; after a crash this restores the latest checkpoint."""
         return self._run(State.STARTING, lambda: self.engine.start(self.name))
 
     def suspend(self) -> asyncio.Task[Any] | None:
@@ -215,6 +218,12 @@ class SessionService(QObject):
             pid = self.engine.sockets(self.engine.session(self.name)).pid()
         except SessionManagerError:
             pid = None
+        if pid is None and self.crash is None and self.engine.crashed(self.name):
+            self.crash = self.engine.crash_reason(self.name)
+            log.warning("%s stopped unexpectedly: %s", self.name, self.crash)
+            self.crashed.emit(self.crash)
+        elif pid is not None:
+            self.crash = None
         self._set_state(State.RUNNING if pid is not None else State.STOPPED)
 
     def _set_state(self, state: State) -> None:

@@ -10,6 +10,7 @@ from PySide6.QtWidgets import (
     QComboBox,
     QDialog,
     QDialogButtonBox,
+    QDoubleSpinBox,
     QFormLayout,
     QKeySequenceEdit,
     QLabel,
@@ -36,12 +37,18 @@ class SettingsDialog(QDialog):
         self.scale.addItem("Actual size (1:1)", "1:1")
         self.scale.setCurrentIndex(max(0, self.scale.findData(settings.scale)))
         self.notify = QCheckBox("Show a notification for each checkpoint", checked=settings.show_notifications)
+        self.autosave = QDoubleSpinBox(minimum=0, maximum=1440, decimals=1, singleStep=1, suffix=" min",
+                                       value=settings.autosave_minutes, specialValueText="Off")
+        self.autosave.setToolTip("A live checkpoint pauses the session for milliseconds, so a short interval costs "
+                                 "little. Autosaves are thinned like Time Machine's: all from the last hour, one an "
+                                 "hour for a day, one a day for a month; manual and pinned checkpoints stay.")
         form.addRow("Checkpoint shortcut", self.shortcut)
         form.addRow("", self.hotkey)
         form.addRow(self.confirm)
         form.addRow(self.grab)
         form.addRow("Picture", self.scale)
         form.addRow(self.notify)
+        form.addRow("Autosave every", self.autosave)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
@@ -54,4 +61,5 @@ class SettingsDialog(QDialog):
                        confirm_restore=self.confirm.isChecked(),
                        keyboard_grab=self.grab.isChecked(),
                        scale=str(self.scale.currentData()),
-                       show_notifications=self.notify.isChecked())
+                       show_notifications=self.notify.isChecked(),
+                       autosave_minutes=self.autosave.value())

@@ -18,7 +18,7 @@ BUSY = (State.STARTING, State.CHECKPOINTING, State.RESTORING, State.STOPPING, St
 def icon_name(service: SessionService) -> str:
     if service.state in BUSY:
         return "tray-checkpointing"
-    if service.error:
+    if service.error or service.crash:
         return "tray-error"
     return "tray-running" if service.state == State.RUNNING else "tray-stopped"
 
@@ -53,6 +53,8 @@ class Tray(QObject):
         service.progressChanged.connect(self._progress)
         service.checkpointTaken.connect(self._checkpoint_taken)
         service.failed.connect(self._failed)
+        service.crashed.connect(lambda why: self._failed(f"{service.name} stopped unexpectedly ({why}); open it "
+                                                         "to restore its latest checkpoint."))
         self.rebuild()
         self.refresh()
 
@@ -79,7 +81,8 @@ class Tray(QObject):
         rollback.setEnabled(bool(s.checkpoints) and idle)
         menu.addAction("Timeline…", self.timelineRequested.emit)
         menu.addSeparator()
-        menu.addAction("Start session", lambda: s.start()).setEnabled(s.state == State.STOPPED)
+        menu.addAction("Restore the latest checkpoint" if s.crash else "Start session",
+                       lambda: s.start()).setEnabled(s.state == State.STOPPED)
         menu.addAction("Suspend session", lambda: s.suspend()).setEnabled(running and idle)
         menu.addAction("Shut down session", self.shutDownRequested.emit).setEnabled(running and idle)
         migrate = menu.addAction("Migrate to…")

@@ -79,9 +79,11 @@ class SessionWindow(QMainWindow):
         bar.addAction("Settings…", self.settingsRequested.emit)
 
         self.state_label = QLabel()
+        self.backup_label = QLabel()
         self.progress = QProgressBar(maximumWidth=260, textVisible=True)
         self.cancel_button = QPushButton("Cancel", clicked=service.cancel)
         self.statusBar().addWidget(self.state_label, 1)
+        self.statusBar().addPermanentWidget(self.backup_label)
         self.statusBar().addPermanentWidget(self.progress)
         self.statusBar().addPermanentWidget(self.cancel_button)
         self.progress.hide()
@@ -90,6 +92,7 @@ class SessionWindow(QMainWindow):
         service.stateChanged.connect(self._state_changed)
         service.progressChanged.connect(self._progress_changed)
         service.checkpointTaken.connect(self._checkpoint_taken)
+        service.crashed.connect(lambda _: self._state_changed(service.state.value))
         service.failed.connect(lambda message: self.statusBar().showMessage(message, 15000))
         service.info.connect(lambda message: self.statusBar().showMessage(message, 15000))
         self._state_changed(service.state.value)
@@ -138,13 +141,24 @@ class SessionWindow(QMainWindow):
         else:
             self.viewer.disconnect_()
             self.pages.setCurrentWidget(self.stopped_page)
-            self.stopped_text.setText("Starting the session…" if state == State.STARTING else
-                                      f"{self.service.name} is not running.\nStart it to carry on where it was "
-                                      "suspended, or roll back to a checkpoint from the timeline.")
+            self.stopped_text.setText(self._stopped_text(state))
+        self.start_button.setText("Restore the latest checkpoint" if self.service.crash else "Start the session")
         self.start_button.setEnabled(state == State.STOPPED)
         for action in (self.checkpoint_action, self.suspend_action, self.shut_down_action):
             action.setEnabled(state == State.RUNNING)
         self.state_label.setText(f"{self.service.name}: {value}")
+
+    def _stopped_text(self, state: State) -> str:
+        s = self.service
+        if state == State.STARTING:
+            return "Starting the session…"
+        if s.crash:
+            latest = s.latest(1)
+            since = f" of {when(latest[0])}" if latest else ""
+            return (f"{s.name} stopped unexpectedly: {s.crash}.\nNothing after its latest checkpoint{since} "
+                    "can be brought back; restoring it takes a moment.")
+        return (f"{s.name} is not running.\nStart it to carry on where it was suspended, or roll back to a "
+                "checkpoint from the timeline.")
 
     def _progress_changed(self, what: str, fraction: float) -> None:
         idle = not what
