@@ -18,15 +18,16 @@ from PySide6.QtNetwork import QLocalServer, QLocalSocket
 from PySide6.QtWidgets import QApplication, QDialog, QMessageBox, QSystemTrayIcon
 
 from .engine import Engine
-from .errors import SessionManagerError
+from .errors import SessionManagerError, UsageError
 from .paths import Home
+from .remotes import Credentials, Remote, Remotes, normalize_url, open_backend, open_remote, remote_sessions, resume
 from .resources import APP_ID, icon_path
 from .services.background import BackgroundWork
 from .services.session import SessionService
 from .store.repo import CheckpointInfo
 from .settings import Settings
 from .ui.dialogs import confirm_restore, pause_text, when
-from .ui.firstrun import FirstRunDialog, NewSession
+from .ui.firstrun import FirstRunDialog, ResumeFrom
 from .ui.hotkey import GlobalHotkey
 from .ui.settings_dialog import SettingsDialog
 from .ui.tray import Tray
@@ -191,21 +192,41 @@ class App(QObject):
         await self.window.viewer.wait_closed()
 
 
-def _first_run(engine: Engine) -> tuple[str, NewSession | None] | None:
+def _first_run() -> FirstRunDialog | None:
     dialog = FirstRunDialog()
     if dialog.exec() != QDialog.DialogCode.Accepted or dialog.choice is None:
         return None
-    return dialog.choice, dialog.new_session
+    return dialog
 
 
-async def _create(engine: Engine, choice: str, new: NewSession | None) -> str:
-    if choice == "demo" or new is None:
+async def _create(engine: Engine, first: FirstRunDialog) -> str:
+    """Make the first session as chosen; returns its name."""
+    if first.choice == "resume" and first.resume_from is not None:
+        return await _resume(engine, first.resume_from)
+    new = first.new_session
+    if first.choice == "demo" or new is None:
         status = await engine.demo()
         return status.name
     kind: dict[str, Any] = {"iso": new.image} if new.is_iso else {"disk": new.image}
     engine.new_session(new.name, memory_mib=new.memory_mib, cpus=new.cpus, disk_size=new.disk_gib << 30, **kind)
     await engine.start(new.name)
     return new.name
+
+
+async def _resume(engine: Engine, source: ResumeFrom) -> str:
+    """Bring the newest checkpoint of the latest session in a remote here and start it; the remote stays
+    configured, so the app backs up there from now on."""
+    url = normalize_url(source.url)
+    credentials = Credentials(source.access_key, source.secret_key) if url.startswith("s3://") else None
+    backend = open_backend(url, source.endpoint, None, credentials)
+    repo = await asyncio.to_thread(open_remote, engine.home, backend, source.passphrase)
+    sessions = await asyncio.to_thread(remote_sessions, repo)
+    if not sessions:
+        raise UsageError(f"{backend} holds no checkpoints; back a session up there first.")
+    latest = max((cs[-1] for cs in sessions.values()), key=lambda c: c.created)
+    await resume(engine, repo, latest)
+    Remotes(engine.home).add(Remote("server", url, source.endpoint), credentials)
+    return latest.session
 
 
 def run(home: Home, session: str | None = None) -> int:
@@ -227,7 +248,7 @@ def run(home: Home, session: str | None = None) -> int:
     name = session or (settings.session if settings.session in names else names[0] if names else None)
     first = None
     if name is None:
-        first = _first_run(engine)
+        first = _first_run()
         if first is None:
             return 0
     loop = qasync.QEventLoop(app)
@@ -238,7 +259,7 @@ def run(home: Home, session: str | None = None) -> int:
         nonlocal name
         if first is not None:
             try:
-                name = await _create(engine, *first)
+                name = await _create(engine, first)
             except SessionManagerError as e:
                 return str(e)
         assert name is not None

@@ -210,9 +210,9 @@ def _secret_name(remote: str) -> str:
 
 # -- push, pull, resume ----------------------------------------------------------------------------
 
-def open_remote(home: Home, backend: Backend) -> Repository:
+def open_remote(home: Home, backend: Backend, passphrase: str | None = None) -> Repository:
     """The repository in a remote, unlocked with this computer's key of it or its passphrase."""
-    return Repository.unlock(backend, str(backend), keyfile_for(home.repository))
+    return Repository.unlock(backend, str(backend), keyfile_for(home.repository), passphrase)
 
 
 def local_target(home: Home, remote: Repository) -> LocalBackend:

@@ -40,8 +40,10 @@ text console (tty0) shows the counter in big digits.
 `M` loads the std VGA's DRM driver (bochs) with the kernel's built-in 1024x768
 EDID: the display switches from 720x400 text to a 1024x768 32-bit framebuffer
 (/dev/fb0), and the console with its big digits moves onto it. `P` then
-toggles a painter that writes two random full frames to /dev/fb0 in turn, as
-fast as it can; the console still redraws the whole screen once a second.
+toggles a painter: it unbinds bochs, fills video memory with random data and
+flips the display between its five 1024x768 pages every few milliseconds, so
+that every display refresh shows a whole new random screen; the console is not
+drawn meanwhile. `P` again binds bochs back and the console returns.
 """
 from __future__ import annotations
 
@@ -64,8 +66,12 @@ BOOT_MODULES = ["virtio", "virtio_ring", "virtio_pci", "virtio_pci_modern_dev",
                 "virtio_pci_legacy_dev", "virtio_blk", "xhci_pci", "usbhid", "hid_generic", "evdev"]
 # Loaded when `M` is typed: the std VGA's DRM driver, whose fbdev emulation makes /dev/fb0.
 DISPLAY_MODULES = ["bochs"]
-# QEMU's EDID prefers 1280x800; the kernel's built-in 1024x768 EDID replaces it.
-MODULE_PARAMS = {"drm": "edid_firmware=edid/1024x768.bin"}
+# Loaded when `P` is first typed: phram, an MTD device (/dev/mtd0) over the std VGA's video memory
+# (write() on /dev/mem stops at the end of RAM, and busybox has no other way to fill it).
+PAINT_MODULES = ["phram"]
+# QEMU's EDID prefers 1280x800; the kernel's built-in 1024x768 EDID replaces it. phram's
+# parameter names shell variables, expanded when it is loaded.
+MODULE_PARAMS = {"drm": "edid_firmware=edid/1024x768.bin", "phram": "phram=vram,$VRAM,$VRAM_SIZE"}
 
 INIT = r"""#!/bin/sh
 mount -t proc proc /proc
@@ -87,7 +93,7 @@ done
 
 load_modules() {
     while read -r m params; do
-        insmod /lib/modules/$m.ko $params || echo "insmod $m failed"
+        eval insmod /lib/modules/$m.ko $params || echo "insmod $m failed"
     done <$1
 }
 load_modules /etc/modules
@@ -134,23 +140,55 @@ if [ -n "$TABLET" ]; then
     exec 3<&-
 fi
 
-# Full-frame painter: two random frames, written to the framebuffer in turn.
-paint() {
-    h=$(cut -d, -f2 /sys/class/graphics/fb0/virtual_size)
-    stride=$(cat /sys/class/graphics/fb0/stride)
-    for f in 1 2; do
-        [ -e /tmp/frame$f ] || dd if=/dev/urandom of=/tmp/frame$f bs=$stride count=$h 2>/dev/null
+# The std VGA (PCI class 0x030000): its address, video memory (BAR 0) and registers (BAR 2).
+find_vga() {
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat $d/class)" = 0x030000 ] && break
     done
-    while :; do
-        cat /tmp/frame1 >/dev/fb0
-        cat /tmp/frame2 >/dev/fb0
-    done
+    VGA=${d##*/}
+    set -- $(sed -n '1p;3p' $d/resource)
+    VRAM=$1 VRAM_SIZE=$(($2 - $1 + 1)) REGS=$(($4))
+}
+
+# Full-frame painter. Copying whole frames into /dev/fb0 (3 MB each, copied again by the fbdev
+# emulation into video memory) kept the one vCPU busy under TCG, and QEMU, refreshing every 30 ms
+# at best, found only part of the screen changed. Instead the painter takes the display from
+# bochs-drm, fills video memory once with random data (through phram) and flips the display
+# between its 768-line pages with the Bochs VBE Y offset register every few milliseconds: each
+# refresh finds a whole new screen, and the guest does one devmem per flip. The console is not
+# drawn meanwhile; `P` again gives the display back to bochs-drm, which redraws it.
+paint_start() {
+    lines=$(cut -d, -f2 /sys/class/graphics/fb0/virtual_size)
+    screen=$(($(cat /sys/class/graphics/fb0/stride) * lines))
+    find_vga
+    [ -e /dev/mtd0 ] || load_modules /etc/modules.paint
+    echo $VGA > /sys/bus/pci/devices/$VGA/driver/unbind  # frees its BARs for devmem (IO_STRICT_DEVMEM)
+    dd if=/dev/urandom of=/dev/mtd0 bs=1M count=$((VRAM_SIZE >> 20)) 2>/dev/null
+    devmem $((REGS + 0x41a)) 8 >/dev/null  # VGA 0x3da: the next 0x3c0 write is an attribute index,
+    devmem $((REGS + 0x400)) 8 0x20         # here with bit 5 set: unblank (bochs-drm blanked it)
+    touch /tmp/painting
+    (
+        page=0
+        while [ -e /tmp/painting ]; do
+            devmem $((REGS + 0x512)) 16 $((page * lines))  # VBE_DISPI_INDEX_Y_OFFSET
+            page=$(((page + 1) % (VRAM_SIZE / screen)))
+            usleep 5000
+        done
+    ) &
+    PAINTER=$!
+}
+
+paint_stop() {
+    rm /tmp/painting
+    wait $PAINTER
+    PAINTER=
+    echo $VGA > /sys/bus/pci/drivers_probe  # bochs-drm takes the display back; the console redraws
 }
 
 # Key echo: one byte at a time from the VGA console's keyboard; M and P act.
 (
     stty -F /dev/tty0 -icanon -echo -icrnl -isig
-    PAINTER=
+    MODE= PAINTER=
     while :; do
         IFS= read -r -n 1 c
         code=10
@@ -160,18 +198,17 @@ paint() {
         else
             echo "key #$code"
         fi
-        if [ "$c" = M ] && [ ! -e /dev/fb0 ]; then
+        if [ "$c" = M ] && [ -z "$MODE" ]; then
             load_modules /etc/modules.display
             while [ ! -e /sys/class/graphics/fb0/virtual_size ]; do sleep 0.1; done
             size=$(cat /sys/class/graphics/fb0/virtual_size)
-            echo "mode ${size%,*}x${size#*,}"
-        elif [ "$c" = P ] && [ -z "$PAINTER" ] && [ -e /dev/fb0 ]; then
-            paint &
-            PAINTER=$!
+            MODE=${size%,*}x${size#*,}
+            echo "mode $MODE"
+        elif [ "$c" = P ] && [ -n "$MODE" ] && [ -z "$PAINTER" ]; then
+            paint_start
             echo "paint on"
         elif [ "$c" = P ] && [ -n "$PAINTER" ]; then
-            kill $PAINTER
-            PAINTER=
+            paint_stop
             echo "paint off"
         fi
     done </dev/tty0
@@ -399,6 +436,7 @@ def build(outdir: Path) -> tuple[Path, Path]:
         (moddir,) = (root / "k/lib/modules").iterdir()
         modules = collect_modules(moddir, BOOT_MODULES)
         display_modules = collect_modules(moddir, DISPLAY_MODULES, [name for name, _ in modules])
+        paint_modules = collect_modules(moddir, PAINT_MODULES, [name for name, _ in modules + display_modules])
         busybox = root / "b/bin/busybox"
         applets = run(str(busybox), "--list-full").split()
 
@@ -411,9 +449,10 @@ def build(outdir: Path) -> tuple[Path, Path]:
         for applet in applets:
             if applet != "bin/busybox":
                 cpio.symlink(applet, "/bin/busybox")
-        for name, data in modules + display_modules:
+        for name, data in modules + display_modules + paint_modules:
             cpio.file(f"lib/modules/{name}.ko", data)
-        for listing, mods in [("etc/modules", modules), ("etc/modules.display", display_modules)]:
+        for listing, mods in [("etc/modules", modules), ("etc/modules.display", display_modules),
+                              ("etc/modules.paint", paint_modules)]:
             cpio.file(listing, "".join(f"{name} {MODULE_PARAMS.get(name, '')}\n" for name, _ in mods).encode())
         cpio.file("etc/pointer.awk", POINTER_AWK.encode())
         cpio.file("etc/lastrecord.awk", LASTRECORD_AWK.encode())

@@ -15,16 +15,16 @@ from PySide6.QtCore import QMimeData, QPointF, Qt
 from PySide6.QtGui import QDropEvent
 from PySide6.QtWidgets import QMessageBox, QPushButton
 
-from session_manager.app import App
+from session_manager.app import App, _create
 from session_manager.engine import Engine
 from session_manager.paths import Home
 from session_manager.services.session import State
 from session_manager.settings import Settings
-from session_manager.ui.firstrun import FirstRunDialog, NewSessionDialog
+from session_manager.ui.firstrun import FirstRunDialog, NewSessionDialog, ResumeDialog
 from session_manager.ui.timeline import MIME_CHECKPOINT
 from session_manager.ui.tray import Tray
 
-from conftest import ROOT, Sm
+from conftest import ROOT, Serial, Sm
 
 
 async def until(condition: Callable[[], object], timeout: float = 120, what: str = "condition") -> None:
@@ -227,3 +227,44 @@ def test_a_killed_session_is_noticed_and_restored_from_its_latest_checkpoint(
 
     aloop.run_until_complete(scenario())
     aloop.run_until_complete(app.close())
+
+
+@pytest.mark.qemu
+def test_first_run_resumes_a_session_from_a_server(sm: Sm, guest: tuple[Path, Path], tmp_path: Path, aloop, qtbot,  # noqa: ANN001
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SESSION_MANAGER_ACCEL", "tcg")
+    sm.new_guest("roaming", guest)
+    sm("start", "roaming")
+    serial = sm.serial("roaming")
+    serial.wait_counter(3)
+    ckpt = sm("checkpoint", "roaming", "--json").json()
+    at = serial.counters()[-1]
+    share = tmp_path / "share"
+    Sm(sm.home, env={"SESSION_MANAGER_NEW_PASSPHRASE": "correct horse"})("key", "add")
+    sm("remote", "add", "share", str(share))
+    sm("push")
+    sm("stop", "roaming", "--no-save")  # this computer is gone; the session lives on the share
+
+    dialog = FirstRunDialog()
+    qtbot.addWidget(dialog)
+    form = ResumeDialog(dialog)
+    form.url.setText(str(share))
+    form._check()
+    assert form.error.text() == "Give the passphrase you set with `session-manager key add`."
+    form.passphrase.setText("correct horse")
+    form._check()
+    assert form.result() == ResumeDialog.DialogCode.Accepted
+    dialog.resume_from, dialog.choice = form.result_source(), "resume"
+
+    other = Sm(tmp_path / "elsewhere")
+    name = aloop.run_until_complete(_create(Engine(Home.locate(other.home)), dialog))
+    try:
+        assert name == "roaming"
+        status = other("status", "roaming", "--json").json()
+        assert status["run_state"] == "running" and status["head"] == ckpt["id"]
+        there = Serial(status["serial_log"])
+        there.wait_for(r"^disk ok", since=there.last_start())
+        assert at <= there.counters(there.last_start())[0] <= at + 1  # it carries on from the checkpoint
+        assert [r["name"] for r in other("remote", "list", "--json").json()] == ["server"]  # backs up there now
+    finally:
+        other.kill_all()

@@ -88,14 +88,68 @@ class NewSessionDialog(QDialog):
                           self.memory.value(), self.cpus.value(), self.disk.value())
 
 
+@dataclass
+class ResumeFrom:
+    url: str  # s3://bucket/prefix, or a directory (a mounted share)
+    endpoint: str | None
+    access_key: str
+    secret_key: str
+    passphrase: str
+
+
+class ResumeDialog(QDialog):
+    """Where the sessions were backed up, and what opens them."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Resume a session from a server")
+        form = QFormLayout(self)
+        self.url = QLineEdit(placeholderText="s3://bucket/prefix, or a folder on a mounted share")
+        self.endpoint = QLineEdit(placeholderText="https://backup.example.net:9000 (S3 only)")
+        self.access_key = QLineEdit()
+        self.secret_key = QLineEdit(echoMode=QLineEdit.EchoMode.Password)
+        self.passphrase = QLineEdit(echoMode=QLineEdit.EchoMode.Password)
+        self.error = QLabel(wordWrap=True)
+        self.error.setStyleSheet("color: #c0392b;")
+        form.addRow("Backed up to", self.url)
+        form.addRow("Server address", self.endpoint)
+        form.addRow("Access key", self.access_key)
+        form.addRow("Secret key", self.secret_key)
+        form.addRow("Passphrase", self.passphrase)
+        form.addRow(QLabel("The newest checkpoint of your latest session is brought here and started; only what "
+                           "it needs is downloaded.", wordWrap=True))
+        form.addRow(self.error)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Resume")
+        buttons.accepted.connect(self._check)
+        buttons.rejected.connect(self.reject)
+        form.addRow(buttons)
+
+    def _check(self) -> None:
+        s3 = self.url.text().strip().startswith("s3://")
+        if not self.url.text().strip():
+            self.error.setText("Say where the sessions were backed up.")
+        elif s3 and not (self.endpoint.text().strip() and self.access_key.text() and self.secret_key.text()):
+            self.error.setText("An S3 server needs its address, an access key and a secret key.")
+        elif not self.passphrase.text():
+            self.error.setText("Give the passphrase you set with `session-manager key add`.")
+        else:
+            self.accept()
+
+    def result_source(self) -> ResumeFrom:
+        return ResumeFrom(self.url.text().strip(), self.endpoint.text().strip() or None, self.access_key.text(),
+                          self.secret_key.text(), self.passphrase.text())
+
+
 class FirstRunDialog(QDialog):
-    """Returns (via .choice) "demo", "new" (then .new_session) or None."""
+    """Returns (via .choice) "demo", "new" (then .new_session), "resume" (then .resume_from) or None."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Welcome to Session Manager")
         self.choice: str | None = None
         self.new_session: NewSession | None = None
+        self.resume_from: ResumeFrom | None = None
         layout = QVBoxLayout(self)
         text = QLabel(
             "<h2>Your desktop, never lost</h2>"
@@ -106,7 +160,8 @@ class FirstRunDialog(QDialog):
         demo = QPushButton("Try the demo session", clicked=lambda: self._choose("demo"))
         demo.setToolTip("A tiny machine that counts on its screen: checkpoint it, let it count, roll it back.")
         new = QPushButton("New session from an ISO or a disk image…", clicked=self._new)
-        for button in (demo, new):
+        resume = QPushButton("Resume a session from a server…", clicked=self._resume)
+        for button in (demo, new, resume):
             button.setMinimumHeight(40)
             layout.addWidget(button)
         layout.addWidget(QPushButton("Not now", clicked=self.reject))
@@ -114,6 +169,12 @@ class FirstRunDialog(QDialog):
     def _choose(self, choice: str) -> None:
         self.choice = choice
         self.accept()
+
+    def _resume(self) -> None:
+        dialog = ResumeDialog(self)
+        if dialog.exec() == QDialog.DialogCode.Accepted:
+            self.resume_from = dialog.result_source()
+            self._choose("resume")
 
     def _new(self) -> None:
         dialog = NewSessionDialog(self)
