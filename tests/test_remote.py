@@ -14,7 +14,7 @@ import pytest
 from test_store import assert_consistent, ingest, stream_of, synthetic_stream
 
 from conftest import S3Server, Serial, Sm
-from session_manager.errors import RepositoryError, UsageError
+from session_manager.errors import CorruptionError, RepositoryError, UsageError
 from session_manager.keychain import KeyringUnavailable
 from session_manager.paths import Home
 from session_manager.remotes import KEY_ENV, SECRET_ENV, Credentials, Remote, Remotes, local_target, normalize_url
@@ -381,3 +381,25 @@ def test_resume_on_another_computer_continues_the_guest(s3_server: S3Server, gue
     finally:
         one.kill_all()
         two.kill_all()
+
+
+def test_an_object_tampered_with_on_the_server_is_refused(s3_server: S3Server, tmp_path: Path) -> None:
+    repo = Repository.open(tmp_path / "one" / "data" / "repository", create=True)
+    ckpt = ingest(repo, synthetic_stream(pages(40, 7)), session="desk")
+    repo.add_key(PASSPHRASE)
+    remote = s3_server.backend(tmp_path.name)
+    replicate(repo, remote)
+    pack = next(n for n in remote.list("data/"))
+    data = bytearray(remote.load(pack))
+    data[len(data) // 2] ^= 0x40  # someone with access to the bucket changes one bit
+    remote.delete(pack)
+    remote.save(pack, bytes(data))
+
+    there = Repository.unlock(remote, str(remote), None, PASSPHRASE)
+    with pytest.raises(CorruptionError, match=f"checkpoint {ckpt.id[:8]} .*damaged or was tampered with"):
+        there.verify(there.get(ckpt.id))  # what a restore or resume does before QEMU sees a byte
+    two = Sm(tmp_path / "two", env={"SESSION_MANAGER_PASSPHRASE": PASSPHRASE, **creds_env(s3_server)})
+    two("remote", "add", "server", f"s3://{s3_server.bucket}/{tmp_path.name}", "--endpoint", s3_server.endpoint)
+    pulled = two("pull", check=False)
+    checked = two("check", "--read-data", check=False) if pulled.returncode == 0 else pulled
+    assert checked.returncode != 0 and ckpt.id[:8] in checked.stderr + checked.stdout, (pulled, checked)
