@@ -3,15 +3,18 @@
     .venv/bin/python benchmarks/viewer.py [--seconds 10] [--keys 20]
 
 The test guest switches to its graphical framebuffer (typed `M`) and starts its full-frame painter
-(typed `P`), so every screen refresh changes every pixel. For each encoding set it connects one
-client, warms up, then counts for ``--seconds``:
+(typed `P`, see session_manager/testguest.py: it flips the display between random screens in video
+memory every few milliseconds), so every screen refresh changes every pixel. For each encoding set
+it connects one client, warms up, then counts for ``--seconds``:
 - updates: FramebufferUpdate messages carrying pixels, per second;
 - screens: updated pixels / screen pixels, per second (full-frame equivalents);
-- client CPU: time.process_time() of this process (QEMU not included) per full-frame equivalent;
-- bytes received per second, and QEMU's own CPU share in the same window, for context.
+- client CPU: time.process_time() of this process (the server not included) per full-frame equivalent;
+- bytes received per second, and the server's own CPU share in the same window, for context.
 Ours: Raw (the default on local sockets) and Zlib with CompressLevel 1 (the default over TCP);
-the baseline: Zlib at QEMU's default level. Then the client alone, fed full frames by a local
-replaying server in another process, for its own ceiling.
+the baseline: Zlib at QEMU's default level. Then the same Raw measurement against a VNC server that
+is not QEMU: Xvnc (TigerVNC) at 1024x768, where an X client (another process) copies two random
+full-screen pixmaps onto the root window in turn, as fast as the X server takes them. Then the
+client alone, fed full frames by a local replaying server in another process, for its own ceiling.
 
 Key latency: from our Extended Key Event (press) to the guest's `key X` line in its serial log
 (the file QEMU writes), against QMP `send-key` as the baseline; painter off, one key at a time.
@@ -29,6 +32,7 @@ import re
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,6 +88,31 @@ except OSError:
 """
 SHIFT = (0xFFE1, 0x2A)
 
+# The X client for Xvnc: two random full-screen pixmaps, copied onto the root window in turn, one
+# round trip per copy. Own process: its CPU is not ours.
+X_PAINTER = r"""
+import os, sys
+from Xlib import X, display
+d = display.Display(sys.argv[1])
+screen = d.screen()
+root, w, h = screen.root, screen.width_in_pixels, screen.height_in_pixels
+gc = root.create_gc()
+images = [root.create_pixmap(w, h, screen.root_depth) for _ in range(2)]
+for image in images:
+    pixels = os.urandom(w * h * 4)
+    for y in range(0, h, 32):  # PutImage requests stay under X's 256 KiB limit
+        image.put_image(gc, 0, y, w, 32, X.ZPixmap, screen.root_depth, 0, pixels[y * w * 4:(y + 32) * w * 4])
+d.sync()
+print("ready", flush=True)
+while True:
+    for image in images:
+        root.copy_area(gc, image, 0, 0, w, h, 0, 0)
+        d.sync()
+"""
+# Xvnc sends at most FrameRate (default 60) updates a second to a client: lifted, to find ours.
+XVNC = ["Xvnc", "-geometry", "1024x768", "-depth", "24", "-rfbport", "-1", "-SecurityTypes", "None",
+        "-nolisten", "tcp", "-FrameRate", "1000"]
+
 
 class Serial:
     def __init__(self, path: Path) -> None:
@@ -102,7 +131,7 @@ class Serial:
         raise SystemExit(f"the guest never printed {pattern!r}")
 
 
-def qemu_cpu(pid: int) -> float:
+def cpu_time(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -115,7 +144,7 @@ async def type_upper(client: rfb.RfbClient, ch: str) -> None:
     client.key_event(False, *SHIFT)
 
 
-async def measure(vnc: Path, encodings: Sequence[int], seconds: float, pid: int) -> dict[str, float]:
+async def measure(vnc: Path, encodings: Sequence[int], seconds: float, server_pid: int) -> dict[str, float]:
     client = await rfb.RfbClient.open_unix(vnc, encodings=encodings)
     received = 0
     buffer_updated = client._conn.buffer_updated  # count bytes off the socket (benchmark only)
@@ -141,15 +170,15 @@ async def measure(vnc: Path, encodings: Sequence[int], seconds: float, pid: int)
     task = asyncio.create_task(client.run())
     await asyncio.sleep(2)  # warm up: the first full frame, QEMU's refresh rate settles
     area = messages = received = 0
-    cpu0, qemu0, t0 = time.process_time(), qemu_cpu(pid), time.monotonic()
+    cpu0, server0, t0 = time.process_time(), cpu_time(server_pid), time.monotonic()
     await asyncio.sleep(seconds)
-    cpu, qcpu, wall = time.process_time() - cpu0, qemu_cpu(pid) - qemu0, time.monotonic() - t0
+    cpu, server, wall = time.process_time() - cpu0, cpu_time(server_pid) - server0, time.monotonic() - t0
     screens = area / (client.width * client.height)
     n_messages, n_bytes = messages, received
     await client.close()
     await task
     return {"updates": n_messages / wall, "screens": screens / wall, "cpu_ms": cpu * 1000 / max(screens, 1e-9),
-            "mb_s": n_bytes / wall / 1e6, "qemu_cpu": qcpu / wall * 100, "client_cpu": cpu / wall * 100}
+            "mb_s": n_bytes / wall / 1e6, "server_cpu": server / wall * 100, "client_cpu": cpu / wall * 100}
 
 
 async def key_latency(vnc: Path, sockets: Sockets, serial: Serial, keys: int) -> tuple[list[float], list[float]]:
@@ -176,6 +205,28 @@ async def key_latency(vnc: Path, sockets: Sockets, serial: Serial, keys: int) ->
     await client.close()
     await task
     return ours, qmp
+
+
+def xvnc_measure(seconds: float, work: Path) -> dict[str, float]:
+    """The Raw measurement against Xvnc, with X_PAINTER drawing; also the X client's CPU share."""
+    r, w = os.pipe()
+    xvnc = subprocess.Popen([*XVNC, "-rfbunixpath", str(work / "xvnc.sock"), "-displayfd", str(w)], pass_fds=[w],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(w)
+    with os.fdopen(r) as f:
+        display = ":" + f.readline().strip()
+    painter = subprocess.Popen([sys.executable, "-c", X_PAINTER, display], stdout=subprocess.PIPE, text=True)
+    try:
+        assert painter.stdout is not None and painter.stdout.readline().strip() == "ready"
+        x0, t0 = cpu_time(painter.pid), time.monotonic()
+        result = asyncio.run(measure(work / "xvnc.sock", rfb.LOCAL_ENCODINGS, seconds, xvnc.pid))
+        result["x_client_cpu"] = (cpu_time(painter.pid) - x0) / (time.monotonic() - t0) * 100
+    finally:
+        painter.kill()
+        xvnc.terminate()
+        painter.wait()
+        xvnc.wait()
+    return result
 
 
 async def client_alone(encodings: Sequence[int], seconds: float) -> dict[str, float]:
@@ -252,6 +303,10 @@ def main() -> None:
         mode, results, (ours, qmp) = asyncio.run(run_all())
     finally:
         asyncio.run(engine.stop("view", save=False))
+    print("measuring Xvnc...", file=sys.stderr)
+    xvnc = xvnc_measure(a.seconds, work)
+    xvnc_version = re.search(r"TigerVNC [\d.]+", subprocess.run(["Xvnc", "-version"], capture_output=True,
+                                                                 text=True).stderr)
     alone = {label: asyncio.run(client_alone(encodings, a.seconds)) for label, encodings in CONFIGS[:2]}
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -259,7 +314,7 @@ def main() -> None:
     print(f"\nMachine: {cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') >> 30} GiB, "
           f"Linux {platform.release()}, QEMU {find_qemu().version_text}, accelerator "
           f"{os.environ['SESSION_MANAGER_ACCEL']}, Python {platform.python_version()}.")
-    print(f"Guest: test guest in its {mode} 32 bpp framebuffer mode, full-frame painter on (random pixels); "
+    print(f"Guest: test guest in its {mode} 32 bpp framebuffer mode, full-frame painter on (random screens); "
           f"{a.seconds:.0f} s per encoding over the VNC unix socket.\n")
     labels = [label for label, _ in CONFIGS]
     print("| what | " + " | ".join(labels) + " |")
@@ -269,9 +324,18 @@ def main() -> None:
             ("client CPU per full-screen update", "cpu_ms", "{:.2f} ms"),
             ("client CPU (share of one core)", "client_cpu", "{:.0f} %"),
             ("received", "mb_s", "{:.0f} MB/s"),
-            ("QEMU's CPU (share of one core, guest included)", "qemu_cpu", "{:.0f} %")]
+            ("server's CPU (share of one core; QEMU: guest included)", "server_cpu", "{:.0f} %")]
     for title, key, fmt in rows:
         print(f"| {title} | " + " | ".join(fmt.format(results[label][key]) for label in labels) + " |")
+    version = xvnc_version[0] if xvnc_version else "TigerVNC"
+    print(f"\nThe same Raw client against Xvnc ({version}, FrameRate 1000: its default caps updates at 60 a second), "
+          f"where an X client in its own process copies two random full-screen images onto the root window in turn, "
+          f"one round trip each (X client: {xvnc['x_client_cpu']:.0f} % of a core).\n")
+    short = ["full screens/s", "messages/s", "client CPU per full screen", "client CPU", "received", "server's CPU"]
+    print("| Raw over the unix socket of | " + " | ".join(short) + " |")
+    print("|---|" + "---|" * len(rows))
+    for server, r in [("QEMU, the test guest's painter (Raw column above)", results[labels[0]]), ("Xvnc", xvnc)]:
+        print(f"| {server} | " + " | ".join(fmt.format(r[key]) for _, key, fmt in rows) + " |")
     print("\n| client alone: a local server replays two random 1024x768 frames as fast as asked | "
           + " | ".join(alone) + " |")
     print("|---|---|---|")

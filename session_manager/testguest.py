@@ -19,6 +19,8 @@ Kernel command line keys read by /init (all sizes in MiB, all default 0):
     sm.fill=N     fill N MiB of a tmpfs with random data once at boot
     sm.dirty=M    rewrite M MiB with fresh random data every second ...
     sm.window=W   ... cycling through a W MiB tmpfs file (default W = M)
+    sm.work=1     work-rate meter: a shell loop counts as fast as it can and prints
+                  `work N` every second (benchmarks/backup.py compares the rates)
 
 Serial console protocol (/dev/ttyS0, one whole line per write):
     ready                      workload started and the USB tablet (if any) opened; printed
@@ -26,6 +28,8 @@ Serial console protocol (/dev/ttyS0, one whole line per write):
     disk ok N                  sector N-1 held "seq N-1", sector N was empty, "seq N" now written
     disk-mismatch at N: ...    that check failed (the record is written anyway)
     counter N                  once a second, N = 1, 2, ...; printed after sector N was written
+    work N                     (sm.work=1) about once a second: the meter's loop iterations per
+                               second since its previous line, timed by the guest's /proc/uptime
     key X / key #C             a key typed on the VGA console: printable char, else its code
     pointer X Y                the USB tablet's position changed: raw coordinates 0..32767
     click X Y                  its left button went down (after the report's pointer line)
@@ -81,12 +85,13 @@ mount -t devtmpfs devtmpfs /dev
 echo 1 > /proc/sys/kernel/printk
 exec </dev/null >/dev/ttyS0 2>&1
 
-FILL=0 DIRTY=0 WINDOW=0
+FILL=0 DIRTY=0 WINDOW=0 WORK=0
 for arg in $(cat /proc/cmdline); do
     case $arg in
         sm.fill=*) FILL=${arg#*=} ;;
         sm.dirty=*) DIRTY=${arg#*=} ;;
         sm.window=*) WINDOW=${arg#*=} ;;
+        sm.work=*) WORK=${arg#*=} ;;
     esac
 done
 [ "$WINDOW" -lt "$DIRTY" ] && WINDOW=$DIRTY
@@ -153,7 +158,7 @@ find_vga() {
 # Full-frame painter. Copying whole frames into /dev/fb0 (3 MB each, copied again by the fbdev
 # emulation into video memory) kept the one vCPU busy under TCG, and QEMU, refreshing every 30 ms
 # at best, found only part of the screen changed. Instead the painter takes the display from
-# bochs-drm, fills video memory once with random data (through phram) and flips the display
+# bochs-drm, fills video memory with random data (through phram) and flips the display
 # between its 768-line pages with the Bochs VBE Y offset register every few milliseconds: each
 # refresh finds a whole new screen, and the guest does one devmem per flip. The console is not
 # drawn meanwhile; `P` again gives the display back to bochs-drm, which redraws it.
@@ -239,6 +244,22 @@ fi
 
 printf '\033[H\033[2J\033[9;0]\033[?25l' > /dev/tty0
 echo ready
+
+# Work-rate meter: the loop counts; every second the ticker's USR1 makes it print its rate
+# (iterations per second of /proc/uptime, in centiseconds without the dot) and start again.
+work() {
+    i=0
+    read -r last _ </proc/uptime
+    last=${last%.*}${last#*.}
+    trap 'read -r up _ </proc/uptime; up=${up%.*}${up#*.}
+          [ $up -gt $last ] && echo "work $((i * 100 / (up - last)))"; i=0 last=$up' USR1
+    while :; do i=$((i + 1)); done
+}
+if [ "$WORK" = 1 ]; then
+    work &
+    WORKER=$!
+    ( while sleep 1; do kill -USR1 $WORKER 2>/dev/null; done ) &
+fi
 while :; do
     sleep 1 &
     N=$((N + 1))
