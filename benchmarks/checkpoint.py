@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import machine_line  # noqa: E402
 from session_manager.cli import _setup_logging  # noqa: E402
 from session_manager.engine import Engine  # noqa: E402
 from session_manager.paths import Home  # noqa: E402
@@ -195,11 +195,7 @@ def main() -> None:
     regen = sum(len(c) for c in engine_repo.memory_stream(engine_repo.get(c2["id"])))
     regen_s = time.monotonic() - regen_t
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    print(f"\nMachine: {cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') >> 30} GiB, "
-          f"Linux {platform.release()}, QEMU {find_qemu().version_text}, accelerator "
-          f"{os.environ['SESSION_MANAGER_ACCEL']}, Python {platform.python_version()}.")
+    print(f"\n{machine_line()}")
     print(f"Guest: {a.memory} MiB RAM, {a.fill} MiB random-filled, re-dirtying {a.dirty} MiB/s in a {a.window} MiB "
           f"window; checkpoints {a.gap:.0f} s apart.\n")
     print("| what | session-manager | QEMU baseline | ratio |")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import re
 import shutil
 import socket
@@ -42,12 +41,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import machine_line
 from session_manager.engine import Engine
 from session_manager.paths import Home
 from session_manager.testguest import build
 from session_manager.vm import rfb
 from session_manager.vm.machine import Machine, Sockets
-from session_manager.vm.qemu import find_qemu
 
 CONFIGS: list[tuple[str, Sequence[int]]] = [
     ("Raw (ours, local sockets)", rfb.LOCAL_ENCODINGS),
@@ -309,11 +308,7 @@ def main() -> None:
                                                                  text=True).stderr)
     alone = {label: asyncio.run(client_alone(encodings, a.seconds)) for label, encodings in CONFIGS[:2]}
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    print(f"\nMachine: {cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') >> 30} GiB, "
-          f"Linux {platform.release()}, QEMU {find_qemu().version_text}, accelerator "
-          f"{os.environ['SESSION_MANAGER_ACCEL']}, Python {platform.python_version()}.")
+    print(f"\n{machine_line()}")
     print(f"Guest: test guest in its {mode} 32 bpp framebuffer mode, full-frame painter on (random screens); "
           f"{a.seconds:.0f} s per encoding over the VNC unix socket.\n")
     labels = [label for label, _ in CONFIGS]

