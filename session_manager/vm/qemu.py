@@ -155,8 +155,12 @@ def command_line(
     sockets: Sockets,
     serial_log: Path,
     incoming: bool = False,
+    paused: bool = False,
 ) -> list[str]:
-    """The QEMU command line of a session.  Restores use the same one, plus ``-incoming defer``."""
+    """The QEMU command line of a session.  Restores use the same one, plus ``-incoming defer``.
+
+    ``paused`` (``-S``): the guest does not start by itself, not even when an incoming migration completes;
+    a live migration's destination waits so until the source has confirmed the switch (vm/migrate.py)."""
     disk = {
         "driver": "qcow2",
         "node-name": node_name(top_layer.name),
@@ -199,4 +203,6 @@ def command_line(
         ]
     if incoming:
         argv += ["-incoming", "defer"]
+    if paused:
+        argv += ["-S"]
     return argv
