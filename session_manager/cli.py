@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
+from .agent import Agent, check, pair
 from .daemon import Daemon, recovered_message
 from .engine import DEMO_NAME, UFFD_ADVICE, Engine
-from .errors import SessionManagerError, UsageError
+from .errors import PeerError, SessionManagerError, UsageError
+from .identity import check_id, installation_name, load_identity, matches, short_id
 from .paths import HOME_ENV, Home
+from .peers import DEFAULT_PORT, Peers, parse_address
 from .remotes import (
     KEY_ENV,
     SECRET_ENV,
@@ -295,6 +298,59 @@ class Cli:
         self.engine.repo.annotate(c.id, pinned=not self.args.unpin)
         self.out({"id": c.id, "pinned": not self.args.unpin}, f"{'Unpinned' if self.args.unpin else 'Pinned'} {c.id[:8]}.")
 
+    # -- other installations -----------------------------------------------------------
+    def serve(self) -> None:
+        asyncio.run(Agent(self.engine.home).serve(*parse_address(self.args.listen)))
+
+    def id(self) -> None:
+        me = load_identity(self.engine.home)
+        self.out({"id": me.short_id, "fingerprint": me.fingerprint, "name": installation_name()}, me.short_id)
+
+    def peers(self) -> None:
+        a, home, peers = self.args, self.engine.home, Peers(self.engine.home)
+        if a.peers_command == "add":
+            if a.fingerprint:
+                check_id(a.fingerprint)
+            me = load_identity(home).short_id
+            waiting = lambda: print(f"Waiting for {a.address} to accept: run `session-manager peers accept {me}` "  # noqa: E731
+                                    "there.", file=sys.stderr, flush=True)
+            peer = asyncio.run(pair(home, a.address, self._confirm_peer, name=a.name, waiting=waiting))
+            self.out(peer.summary(), f"Paired with {peer.name} ({peer.short_id}) at {peer.address}; each side lists "
+                                     "the other now.")
+        elif a.peers_command == "accept":
+            peer = peers.accept(check_id(a.id), a.name)
+            self.out(peer.summary(), f"Paired with {peer.name} ({peer.short_id}) at {peer.address}.")
+        elif a.peers_command == "remove":
+            peer = peers.remove(a.name)
+            self.out(peer.summary(), f"Removed {peer.name}; it can no longer send sessions here or receive them.")
+        else:
+            ps = peers.all()
+            rows = [p.summary() for p in ps]
+            if a.check:
+                for row, problem in zip(rows, asyncio.run(check(home, ps)), strict=True):
+                    row.update(reachable=problem is None, problem=problem)
+            self.out(rows, lambda: table(
+                [[r["name"], r["address"], r["id"], local_time(r["added"])]
+                 + (["reachable" if r["reachable"] else r["problem"]] if a.check else []) for r in rows],
+                ["NAME", "ADDRESS", "ID", "ADDED"] + (["CHECK"] if a.check else []))
+                if rows else "No peers yet; pair with another computer with `session-manager peers add HOST`.")
+
+    def _confirm_peer(self, name: str, fingerprint: str) -> None:
+        """Confirm the id of the installation ``peers add`` reached: --fingerprint, --yes or the user's answer."""
+        a, theirs = self.args, short_id(fingerprint)
+        if a.fingerprint:
+            if not matches(fingerprint, a.fingerprint):
+                raise PeerError(f"{a.address} presented id {theirs}, not {a.fingerprint}; someone may be intercepting, "
+                                "or the id was mistyped: compare with what `session-manager id` prints there.")
+        elif a.yes:
+            print(f"{a.address} is {name}, id {theirs}.", file=sys.stderr, flush=True)
+        elif not sys.stdin.isatty():
+            raise UsageError(f"Check that `session-manager id` on {name} prints {theirs}, then run again with "
+                             f"--fingerprint {theirs} (or in a terminal, to confirm it there).")
+        elif input(f"{a.address} is {name}, id {theirs}; does `session-manager id` there print the same? [y/N] "
+                   ).strip().lower() not in ("y", "yes"):
+            raise UsageError("You did not confirm the id, so nothing was paired.")
+
     # -- remotes -------------------------------------------------------------------
     def remote(self) -> None:
         a, remotes = self.args, Remotes(self.engine.home)
@@ -483,6 +539,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--endpoint", help="the S3 server of an s3:// source (default: AWS)")
     c.add_argument("--region")
     c.add_argument("--limit", type=rate, help="bandwidth limit, e.g. 10M/s")
+    c = sub.add_parser("serve", help="run the host agent, which paired computers connect to",
+                       description="run the host agent until SIGTERM or SIGINT: installations paired with this one "
+                       "connect to it (TLS) to send or receive sessions, and others ask it to pair "
+                       "(packaging/session-manager-agent.service runs it as a systemd user service)")
+    c.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_PORT}", metavar="ADDR:PORT",
+                   help=f"where to listen (default 0.0.0.0:{DEFAULT_PORT}; port 0 picks a free one)")
+    cmd("id", "print this installation's id, which other computers confirm when they pair with it")
+    c = sub.add_parser("peers", help="pair with other computers, list and remove them",
+                       description="pair with other computers (each runs `session-manager serve`); only paired "
+                       "installations may send or receive sessions")
+    peers = c.add_subparsers(dest="peers_command", metavar="ACTION", required=True)
+    c = peers.add_parser("add", parents=[js], help="pair with the computer whose agent runs at HOST[:PORT]: confirm "
+                         "its id here, accept this one there")
+    c.add_argument("address", metavar="HOST[:PORT]", help=f"its agent (default port {DEFAULT_PORT})")
+    c.add_argument("--name", help="what to call it here (default: its host name)")
+    c.add_argument("--fingerprint", metavar="ID", help="its id as `session-manager id` prints it there, instead of "
+                   "confirming; given on both sides, it pairs without `peers accept`")
+    c.add_argument("--yes", action="store_true", help="trust whatever id it presents")
+    c = peers.add_parser("accept", parents=[js], help="accept a computer waiting to pair (`serve` shows its id)")
+    c.add_argument("id")
+    c.add_argument("--name", help="what to call it here (default: its host name)")
+    peers.add_parser("list", parents=[js], help="list the paired computers").add_argument(
+        "--check", action="store_true", help="also connect to each one")
+    peers.add_parser("remove", parents=[js], help="unpair a computer").add_argument("name")
     return p
 
 

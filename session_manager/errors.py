@@ -26,6 +26,10 @@ class QemuError(SessionManagerError):
     """QEMU is missing, too old, refused a command or died."""
 
 
+class PeerError(SessionManagerError):
+    """Another installation cannot be reached or paired with, refused us, or is not the one we paired with."""
+
+
 class StreamFormatError(SessionManagerError):
     """A migration stream is truncated, malformed or from an unsupported QEMU."""
 

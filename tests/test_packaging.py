@@ -129,9 +129,12 @@ def test_an_installed_wheel_finds_its_resources(tmp_path: Path) -> None:
     assert modules(site) == modules(src)
 
 
-def test_systemd_user_unit_is_valid(tmp_path: Path) -> None:
-    """systemd accepts the daemon's unit, with the command where its comment says (~/.local/bin)."""
-    unit = ROOT / "packaging" / "session-manager.service"
+@pytest.mark.parametrize(("unit_name", "command"), [("session-manager.service", "daemon"),
+                                                     ("session-manager-agent.service", "serve")])
+def test_systemd_user_unit_is_valid(tmp_path: Path, unit_name: str, command: str) -> None:
+    """systemd accepts the daemon's and the host agent's units, with the command where their comment says
+    (~/.local/bin)."""
+    unit = ROOT / "packaging" / unit_name
     home, runtime = tmp_path / "home", tmp_path / "run"
     (home / ".local" / "bin").mkdir(parents=True)
     (home / ".local" / "bin" / "session-manager").symlink_to(sys.executable)
@@ -142,5 +145,5 @@ def test_systemd_user_unit_is_valid(tmp_path: Path) -> None:
     assert p.returncode == 0 and unit.name not in p.stderr, p.stderr
     service = ConfigParser(interpolation=None, strict=False)
     service.read(unit)
-    assert service["Service"]["ExecStart"].split()[1:] == ["daemon"]
+    assert service["Service"]["ExecStart"].split()[1:] == [command]
     assert service["Service"]["KillMode"] == "process"  # the QEMU processes it starts outlive it
