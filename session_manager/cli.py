@@ -24,6 +24,8 @@ from .daemon import Daemon, recovered_message
 from .engine import DEMO_NAME, UFFD_ADVICE, Engine
 from .errors import PeerError, SessionManagerError, UsageError
 from .identity import check_id, installation_name, load_identity, matches, short_id
+from .live_migration import Receiver
+from .live_migration import migrate as live_migrate
 from .paths import HOME_ENV, Home
 from .peers import DEFAULT_PORT, Peers, parse_address
 from .remotes import (
@@ -124,7 +126,8 @@ class Cli:
         rows: list[dict[str, Any]] = []
         for s in self.engine.sessions():
             st = asyncio.run(self.engine.status(s.name))
-            state = st.run_state or ("crashed" if st.crashed else "saved" if st.saved else "stopped")
+            state = st.run_state or ("crashed" if st.crashed else f"running on {st.moved_to}" if st.moved_to
+                                     else "saved" if st.saved else "stopped")
             rows.append({"name": s.name, "state": state, "memory_mib": st.memory_mib, "cpus": st.cpus,
                          "head": st.head, "checkpoints": len(self.engine.checkpoints(s.name))})
         self.out(rows, lambda: table([[r["name"], r["state"], f"{r['memory_mib']} MiB", r["cpus"],
@@ -181,7 +184,8 @@ class Cli:
 
     @staticmethod
     def _status_text(st: Any) -> str:
-        state = st.run_state or ("crashed" if st.crashed else "stopped, state saved" if st.saved else "stopped")
+        state = st.run_state or ("crashed" if st.crashed else f"running on {st.moved_to}" if st.moved_to
+                                 else "stopped, state saved" if st.saved else "stopped")
         lines = [f"Session {st.name}: {state}"]
         if st.crashed:
             lines.append(f"  QEMU died while it ran; `session-manager recover {st.name}` (or `start`) restores its "
@@ -300,7 +304,18 @@ class Cli:
 
     # -- other installations -----------------------------------------------------------
     def serve(self) -> None:
-        asyncio.run(Agent(self.engine.home).serve(*parse_address(self.args.listen)))
+        agent = Agent(self.engine.home)
+        Receiver(self.engine).register(agent)
+        asyncio.run(agent.serve(*parse_address(self.args.listen)))
+
+    def migrate(self) -> None:
+        a = self.args
+        say = (lambda line: None) if a.json else (lambda line: print(line, flush=True))  # noqa: E731
+        r = asyncio.run(live_migrate(self.engine, a.name, a.peer, say))
+        self.out({"session": a.name, "peer": a.peer, **asdict(r), "bytes_sent": r.bytes_sent},
+                 f"Migrated {a.name} to {a.peer}: the guest paused {r.downtime_ms:.0f} ms, {r.total_s:.1f} s in all, "
+                 f"{human(r.bytes_sent)} sent ({human(r.disk_bytes)} disk, {human(r.ram_bytes)} memory and "
+                 f"devices). It runs there now; its checkpoints stay here.")
 
     def id(self) -> None:
         me = load_identity(self.engine.home)
@@ -545,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(packaging/session-manager-agent.service runs it as a systemd user service)")
     c.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_PORT}", metavar="ADDR:PORT",
                    help=f"where to listen (default 0.0.0.0:{DEFAULT_PORT}; port 0 picks a free one)")
+    c = cmd("migrate", "move a running session to a paired computer without stopping it (live migration)")
+    c.add_argument("name")
+    c.add_argument("peer", help="the paired computer (`session-manager peers list`), whose agent must run")
     cmd("id", "print this installation's id, which other computers confirm when they pair with it")
     c = sub.add_parser("peers", help="pair with other computers, list and remove them",
                        description="pair with other computers (each runs `session-manager serve`); only paired "

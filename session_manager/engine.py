@@ -82,6 +82,7 @@ class Status:
     memory_mib: int
     cpus: int
     crashed: bool = False  # QEMU died while the session should run: `recover` brings back its latest checkpoint
+    moved_to: str | None = None  # the peer it was live-migrated to (and runs on), when it has no QEMU here
 
 
 class Engine:
@@ -203,11 +204,14 @@ class Engine:
         async with self._locked(session):
             if self.sockets(session).pid() is not None:
                 async with Machine.connect(self.sockets(session)) as m:
-                    if await m.status() != RunState.PAUSED:
+                    if await m.status() not in (RunState.PAUSED, RunState.POSTMIGRATE):
                         raise UsageError(f"Session {name!r} is already running; use `session-manager status {name}`.")
-                    await m.run("cont")  # left paused, e.g. by a checkpoint killed in its pause
+                    await m.run("cont")  # left paused by a checkpoint killed in its pause, or an unconfirmed migration
                 return await self.status(name)
             state = session.load_state()
+            if state.moved_to:
+                raise UsageError(f"Session {name!r} runs on {state.moved_to} now (it was migrated there); migrate it "
+                                 "back from there to run it here.")
             latest = state.saved or (state.head if state.running_boot else None)
             if latest:
                 await self._restore_locked(session, self.repo.get(latest), take_before=False)
@@ -219,7 +223,7 @@ class Engine:
         return await self.status(name)
 
     async def _launch(self, session: Session, config: SessionConfig, top: Path, why: str,
-                      incoming: bool = False) -> None:
+                      incoming: bool = False, paused: bool = False) -> None:
         accel = self.accelerator()
         log.info("accelerator %s: %s", accel.name, accel.reason)
         sockets = self.sockets(session)
@@ -227,7 +231,7 @@ class Engine:
         with open(session.serial_log, "a") as f:  # so the log shows where each run of the guest begins
             f.write(f"\n{SERIAL_MARK} {why} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         argv = command_line(find_qemu(), config, accel=accel.name, top_layer=top, sockets=sockets,
-                            serial_log=session.serial_log, incoming=incoming)
+                            serial_log=session.serial_log, incoming=incoming, paused=paused)
         await launch(argv, sockets, session.qemu_log)
         (sockets.runtime / "accel").write_text(f"{accel.name}\n{accel.reason}\n")
 
@@ -289,6 +293,7 @@ class Engine:
             memory_mib=config.memory_mib,
             cpus=config.cpus,
             crashed=pid is None and self.crashed(name),
+            moved_to=state.moved_to if pid is None else None,
         )
 
     # -- crashes -------------------------------------------------------------------
@@ -555,6 +560,25 @@ class Engine:
         session.save_state(state)
         log.info("restored %s to %s: stream loaded in %.2f s", session.name, ckpt.id, seconds)
         return before
+
+    async def receive(self, config: SessionConfig, disk_size: int, why: str) -> Session:
+        """Create a session to receive a live migration (vm/migrate.py): a blank qcow2 of ``disk_size`` as its only
+        layer, and its QEMU waiting for the incoming state, paused.  It starts a fresh checkpoint history."""
+        for label, path in (("kernel", config.kernel), ("initrd", config.initrd), ("ISO", config.iso)):
+            if path and not Path(path).is_file():
+                raise NotFoundError(f"Session {config.name!r} needs the {label} {path}, which this computer does not "
+                                    "have; copy it to the same place and try again.")
+        session = Session(self.home, config.name)
+        first = vdisk.new_layer_name()
+        session.create(config, first)
+        try:
+            vdisk.create_blank(session.layer_path(first), disk_size)
+            await self._launch(session, config, session.layer_path(first), why, incoming=True, paused=True)
+        except BaseException:
+            await self._kill(self.sockets(session))
+            session.remove()
+            raise
+        return session
 
     def _layer_for(self, session: Session, state: SessionState, ckpt: CheckpointInfo) -> Path:
         """A new overlay on the checkpoint's disk: its file if still here, else rebuilt from the repository."""

@@ -63,6 +63,8 @@ class SessionState:
     # Disk files that hold, with their backing chain, exactly a checkpoint's disk: file name -> checkpoint id.
     # A local copy for fast restores and incremental disk saves; the repository has every disk too.
     layers: dict[str, str] = field(default_factory=dict)
+    # The paired peer the session was live-migrated to, which runs it now; this computer runs it no more.
+    moved_to: str | None = None
 
 
 class Session:

@@ -1,0 +1,59 @@
+"""`session-manager migrate NAME PEER`: a running session moves live to a paired installation's agent.
+
+Two homes on loopback, each its own installation, paired through their `serve` processes (as test_peers.py does).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import Serial, Sm
+from test_migrate import keeps_running
+from test_peers import one_sentence, pair_by_ids, serving
+
+pytestmark = pytest.mark.qemu
+
+
+def test_migrate_moves_a_running_session_to_a_paired_peer(tmp_path: Path, guest: tuple[Path, Path]) -> None:
+    a, b = Sm(tmp_path / "a"), Sm(tmp_path / "b")
+    try:
+        with serving(a) as port_a, serving(b) as port_b:
+            pair_by_ids(a, port_a, b, port_b)
+        a.new_guest("desk", guest, fill=16)
+        a("start", "desk")
+        here = a.serial("desk")
+        here.wait_for(r"^ready")
+        here.wait_counter(3)
+
+        # b's agent is not running: one sentence, and the session runs on here.
+        one_sentence(a("migrate", "desk", "b", check=False), "Cannot reach", "serve")
+        assert a("status", "desk", "--json").json()["run_state"] == "running"
+        keeps_running(here, here.last_start(), count=2)
+
+        with serving(b, f"127.0.0.1:{port_b}"):
+            run = a("migrate", "desk", "b", "--json")
+        last_here = here.counters()[-1]
+        result = run.json()
+        assert result["peer"] == "b" and result["bytes_sent"] > 16 << 20 and result["downtime_ms"] > 0
+
+        there_status = b("status", "desk", "--json").json()
+        assert there_status["run_state"] == "running"
+        there = Serial(there_status["serial_log"])
+        since = there.last_start()
+        there.wait_counter(3, since=since)
+        first = there.counters(since)[0]
+        assert last_here < first <= last_here + 2  # on from where it stopped here: no step back, no jump
+        keeps_running(there, since)  # consecutive, and its disk checks pass ("disk ok")
+
+        gone = a("status", "desk", "--json").json()
+        assert gone["pid"] is None and gone["moved_to"] == "b" and not gone["crashed"]
+        assert "Session desk: running on b" in a("status", "desk").stdout
+        assert [r["state"] for r in a("list", "--json").json()] == ["running on b"]
+        assert not list(a.home.glob("run/desk/qemu.pid"))
+        assert here.counters()[-1] == last_here  # nothing runs here any more
+        one_sentence(a("start", "desk", check=False), "runs on b")
+    finally:
+        a.kill_all()
+        b.kill_all()
