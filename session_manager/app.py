@@ -17,21 +17,25 @@ from PySide6.QtGui import QIcon
 from PySide6.QtNetwork import QLocalServer, QLocalSocket
 from PySide6.QtWidgets import QApplication, QDialog, QMessageBox, QSystemTrayIcon
 
+from .agent import Agent
 from .engine import Engine
 from .errors import SessionManagerError, UsageError
+from .live_migration import Receiver
 from .paths import Home
+from .peers import DEFAULT_PORT, parse_address
 from .remotes import Credentials, Remote, Remotes, normalize_url, open_backend, open_remote, remote_sessions, resume
 from .resources import APP_ID, icon_path
 from .services.background import BackgroundWork
 from .services.session import SessionService
-from .store.repo import CheckpointInfo
 from .settings import Settings
-from .ui.dialogs import confirm_restore, pause_text, when
+from .store.repo import CheckpointInfo
+from .ui.dialogs import confirm_restore, pause_text, size_text, when
 from .ui.firstrun import FirstRunDialog, ResumeFrom
 from .ui.hotkey import GlobalHotkey
 from .ui.settings_dialog import SettingsDialog
 from .ui.tray import Tray
 from .ui.window import FULL_SCREEN, SessionWindow, TimelineWindow
+from .vm.migrate import MigrationResult
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,8 @@ class SingleInstance(QObject):
 class App(QObject):
     """Wires one session's service to its windows, the tray, the shortcut and the settings."""
 
-    def __init__(self, engine: Engine, name: str, settings: Settings) -> None:
+    def __init__(self, engine: Engine, name: str, settings: Settings, listen: str | None = None) -> None:
+        """``listen``: where the host agent answers paired machines (None: no agent in this app)."""
         super().__init__()
         self.engine, self.settings = engine, settings
         self.service = SessionService(engine, name, self)
@@ -86,6 +91,10 @@ class App(QObject):
             if QSystemTrayIcon.isSystemTrayAvailable() else None
         self.background = BackgroundWork(engine, settings, name, self)
         self.finished: asyncio.Future[None] = asyncio.get_event_loop().create_future()
+        self.agent = Agent(engine.home, say=lambda text, level: self._notify(text))
+        Receiver(engine).register(self.agent)
+        self._agent_server: asyncio.Task[asyncio.Server | None] | None = \
+            asyncio.ensure_future(self._serve_agent(listen)) if listen else None
 
         self.window.restoreRequested.connect(self.request_restore)
         self.window.timelineRequested.connect(self.show_timeline)
@@ -96,6 +105,7 @@ class App(QObject):
         self.hotkey.activated.connect(lambda: self.service.checkpoint_now())
         self.service.checkpointTaken.connect(lambda _: self.background.checkpoint_taken())
         self.background.autosaved.connect(self._autosaved)
+        self.service.migrated.connect(self._migrated)
         self.background.autosaveFailed.connect(lambda _, why: self.window.statusBar().showMessage(why, 30000))
         self.background.backupProgress.connect(self._backup_progress)
         self.background.backupFailed.connect(lambda _, why: self.window.backup_label.setText(why))
@@ -105,6 +115,7 @@ class App(QObject):
             self.tray.settingsRequested.connect(self.show_settings)
             self.tray.restoreRequested.connect(self.request_restore)
             self.tray.shutDownRequested.connect(self.window.shut_down_action.trigger)
+            self.tray.migrateRequested.connect(self.request_migrate)
             self.tray.quitRequested.connect(self.quit)
             self.tray.show()
         self.apply_settings()
@@ -122,6 +133,31 @@ class App(QObject):
         if self.tray:
             self.tray.shortcut = s.checkpoint_shortcut
             self.tray.notifications = s.show_notifications
+
+    async def _serve_agent(self, listen: str) -> asyncio.Server | None:
+        try:
+            return await self.agent.start(*parse_address(listen))
+        except OSError as e:  # e.g. the agent's systemd unit already answers there
+            log.info("not answering other machines on %s (%s); an agent may already run there", listen, e)
+            return None
+
+    def _notify(self, text: str) -> None:
+        self.window.statusBar().showMessage(text, 30000)
+        if self.tray:
+            self.tray.icon.showMessage("Session Manager", text)
+
+    def request_migrate(self, peer: str) -> None:
+        answer = QMessageBox.question(
+            self.window, "Move the session?",
+            f"Move {self.service.name} to {peer}? It keeps running while its disk and memory are copied and pauses "
+            "for a moment at the switch; if anything fails it simply goes on running here.",
+            QMessageBox.StandardButton.Ok | QMessageBox.StandardButton.Cancel)
+        if answer == QMessageBox.StandardButton.Ok:
+            self.service.migrate(peer)
+
+    def _migrated(self, peer: str, result: MigrationResult) -> None:
+        self._notify(f"{self.service.name} now runs on {peer}: it paused {pause_text(result.downtime_ms)}, "
+                     f"{size_text(result.bytes_sent)} sent in {result.total_s:.1f} s.")
 
     def _autosaved(self, _: str, info: CheckpointInfo) -> None:
         self.window.statusBar().showMessage(
@@ -189,6 +225,10 @@ class App(QObject):
         self.service.close()
         self.window.viewer.disconnect_()
         await self.background.stop()
+        if self._agent_server is not None:
+            server = await self._agent_server
+            if server is not None:
+                await self.agent.close(server)
         await self.window.viewer.wait_closed()
 
 
@@ -263,7 +303,7 @@ def run(home: Home, session: str | None = None) -> int:
             except SessionManagerError as e:
                 return str(e)
         assert name is not None
-        controller = App(engine, engine.session(name).name, settings)
+        controller = App(engine, engine.session(name).name, settings, listen=f"0.0.0.0:{DEFAULT_PORT}")
         instance.raiseRequested.connect(controller.show_window)
         controller.show_window()
         await controller.finished

@@ -57,3 +57,43 @@ def test_migrate_moves_a_running_session_to_a_paired_peer(tmp_path: Path, guest:
     finally:
         a.kill_all()
         b.kill_all()
+
+
+def test_the_tray_migrates_the_session_and_the_window_says_where_it_went(
+        tmp_path: Path, guest: tuple[Path, Path], aloop, qtbot, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    from PySide6.QtWidgets import QMessageBox
+
+    from session_manager.app import App
+    from session_manager.engine import Engine
+    from session_manager.paths import Home
+    from session_manager.settings import Settings
+    from session_manager.ui.tray import Tray
+
+    monkeypatch.setenv("SESSION_MANAGER_ACCEL", "tcg")
+    monkeypatch.setattr(QMessageBox, "question", lambda *_: QMessageBox.StandardButton.Ok)
+    a, b = Sm(tmp_path / "a"), Sm(tmp_path / "b")
+    try:
+        with serving(a) as port_a, serving(b) as port_b:
+            pair_by_ids(a, port_a, b, port_b)
+        a.new_guest("desk", guest)
+        a("start", "desk")
+        a.serial("desk").wait_counter(2)
+        app = App(Engine(Home.locate(a.home)), "desk", Settings(autosave_minutes=0))
+        tray = Tray(app.service, "Ctrl+Alt+S")
+        tray.migrateRequested.connect(app.request_migrate)
+        tray.rebuild()
+        migrate = next(x for x in tray.menu.actions() if x.text() == "Migrate to").menu()
+        assert [x.text() for x in migrate.actions()] == [f"b (127.0.0.1:{port_b})"]
+        with serving(b, f"127.0.0.1:{port_b}"):
+            with qtbot.waitSignal(app.service.migrated, timeout=120_000) as moved:
+                migrate.actions()[0].trigger()
+                aloop.run_until_complete(app.service._op)  # type: ignore[arg-type]
+        assert moved.args[0] == "b" and moved.args[1].downtime_ms > 0
+        assert "now runs on b" in app.window.statusBar().currentMessage()
+        app.service._check_process()
+        assert "now runs on b" in app.window.stopped_text.text() and not app.window.start_button.isEnabled()
+        assert b("status", "desk", "--json").json()["run_state"] == "running"
+        aloop.run_until_complete(app.close())
+    finally:
+        a.kill_all()
+        b.kill_all()

@@ -19,6 +19,7 @@ from PySide6.QtCore import QObject, QTimer, Signal
 
 from ..engine import Engine, Status
 from ..errors import SessionManagerError
+from ..live_migration import migrate
 from ..store.repo import CheckpointInfo
 from .watch import RepositoryWatcher
 
@@ -35,6 +36,7 @@ class State(str, Enum):
     RESTORING = "restoring"
     STOPPING = "stopping"
     EXPORTING = "exporting"
+    MIGRATING = "migrating"
 
 
 class Cancelled(SessionManagerError):
@@ -50,6 +52,7 @@ class SessionService(QObject):
     failed = Signal(str)  # one sentence for the user
     info = Signal(str)  # one sentence for the user
     crashed = Signal(str)  # why the session's machine stopped without being asked to
+    migrated = Signal(str, object)  # peer, MigrationResult: the session runs there now
 
     def __init__(self, engine: Engine, name: str, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -127,6 +130,21 @@ class SessionService(QObject):
             await self.engine.stop(self.name, save=False)
 
         return self._run(State.STOPPING, run)
+
+    def migrate(self, peer: str) -> asyncio.Task[Any] | None:
+        """Move the running session to a paired peer; on failure it runs on here."""
+        async def run() -> None:
+            result = await migrate(self.engine, self.name, peer, lambda line: self._progress(line, -1))
+            self.migrated.emit(peer, result)
+
+        return self._run(State.MIGRATING, run)
+
+    @property
+    def moved_to(self) -> str | None:
+        try:
+            return self.engine.session(self.name).load_state().moved_to
+        except SessionManagerError:
+            return None
 
     def export(self, ckpt_id: str, out_dir: Path) -> asyncio.Task[Any] | None:
         def progress(what: str, fraction: float) -> None:

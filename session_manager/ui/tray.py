@@ -6,13 +6,14 @@ from PySide6.QtCore import QObject, Signal
 from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 
+from ..peers import Peer, Peers
 from ..resources import icon_path
 from ..services.session import SessionService, State
 from ..store.repo import CheckpointInfo
 from .dialogs import pause_text, size_text, when
 
 ROLLBACK_ITEMS = 10
-BUSY = (State.STARTING, State.CHECKPOINTING, State.RESTORING, State.STOPPING, State.EXPORTING)
+BUSY = (State.STARTING, State.CHECKPOINTING, State.RESTORING, State.STOPPING, State.EXPORTING, State.MIGRATING)
 
 
 def icon_name(service: SessionService) -> str:
@@ -37,6 +38,7 @@ class Tray(QObject):
     settingsRequested = Signal()
     restoreRequested = Signal(str)
     shutDownRequested = Signal()
+    migrateRequested = Signal(str)  # a paired peer's name
     quitRequested = Signal()
 
     def __init__(self, service: SessionService, shortcut: str, parent: QObject | None = None) -> None:
@@ -57,6 +59,9 @@ class Tray(QObject):
                                                          "to restore its latest checkpoint."))
         self.rebuild()
         self.refresh()
+
+    def peers(self) -> list[Peer]:
+        return Peers(self.service.engine.home).all()
 
     def show(self) -> None:
         self.icon.show()
@@ -85,9 +90,12 @@ class Tray(QObject):
                        lambda: s.start()).setEnabled(s.state == State.STOPPED)
         menu.addAction("Suspend session", lambda: s.suspend()).setEnabled(running and idle)
         menu.addAction("Shut down session", self.shutDownRequested.emit).setEnabled(running and idle)
-        migrate = menu.addAction("Migrate to…")
-        migrate.setEnabled(False)
-        migrate.setToolTip("No paired machines yet.")
+        migrate = menu.addMenu("Migrate to")
+        for peer in self.peers():
+            migrate.addAction(f"{peer.name} ({peer.address})", lambda p=peer.name: self.migrateRequested.emit(p))
+        if migrate.isEmpty():
+            migrate.addAction("No paired machines: session-manager peers add HOST").setEnabled(False)
+        migrate.setEnabled(running and idle)
         menu.addSeparator()
         menu.addAction("Settings…", self.settingsRequested.emit)
         menu.addAction("Quit (the session keeps running)" if running else "Quit", self.quitRequested.emit)

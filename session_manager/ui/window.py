@@ -143,7 +143,7 @@ class SessionWindow(QMainWindow):
             self.pages.setCurrentWidget(self.stopped_page)
             self.stopped_text.setText(self._stopped_text(state))
         self.start_button.setText("Restore the latest checkpoint" if self.service.crash else "Start the session")
-        self.start_button.setEnabled(state == State.STOPPED)
+        self.start_button.setEnabled(state == State.STOPPED and not self.service.moved_to)
         for action in (self.checkpoint_action, self.suspend_action, self.shut_down_action):
             action.setEnabled(state == State.RUNNING)
         self.state_label.setText(f"{self.service.name}: {value}")
@@ -152,6 +152,9 @@ class SessionWindow(QMainWindow):
         s = self.service
         if state == State.STARTING:
             return "Starting the session…"
+        if s.moved_to:
+            return (f"{s.name} now runs on {s.moved_to}.\nIts checkpoints up to the move stay on this computer; "
+                    "to bring it back, migrate it from there.")
         if s.crash:
             latest = s.latest(1)
             since = f" of {when(latest[0])}" if latest else ""
