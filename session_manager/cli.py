@@ -24,6 +24,8 @@ from .daemon import Daemon, recovered_message
 from .engine import DEMO_NAME, UFFD_ADVICE, Engine
 from .errors import PeerError, SessionManagerError, UsageError
 from .identity import check_id, installation_name, load_identity, matches, short_id
+from .checkpoint_migration import CheckpointReceiver
+from .checkpoint_migration import send as send_checkpoint
 from .live_migration import Receiver
 from .live_migration import migrate as live_migrate
 from .paths import HOME_ENV, Home
@@ -306,6 +308,7 @@ class Cli:
     def serve(self) -> None:
         agent = Agent(self.engine.home)
         Receiver(self.engine).register(agent)
+        CheckpointReceiver(self.engine).register(agent)
         asyncio.run(agent.serve(*parse_address(self.args.listen)))
 
     def migrate(self) -> None:
@@ -316,6 +319,16 @@ class Cli:
                  f"Migrated {a.name} to {a.peer}: the guest paused {r.downtime_ms:.0f} ms, {r.total_s:.1f} s in all, "
                  f"{human(r.bytes_sent)} sent ({human(r.disk_bytes)} disk, {human(r.ram_bytes)} memory and "
                  f"devices). It runs there now; its checkpoints stay here.")
+
+    def send(self) -> None:
+        a = self.args
+        r = asyncio.run(send_checkpoint(self.engine, a.name, a.peer, a.checkpoint,
+                                        progress=self._transfer_progress("Sending")))
+        self.out({"session": a.name, "peer": a.peer, "checkpoint": r.checkpoint.to_dict(),
+                  "transfer": r.transfer.to_dict(), "status": r.status},
+                 f"Sent checkpoint {r.checkpoint.id[:8]} of {a.name} ({local_time(r.checkpoint.created)}) to {a.peer}: "
+                 f"{r.transfer.objects_done} objects, {human(r.transfer.bytes_done)}. `session-manager start {a.name}` "
+                 "there resumes it; the session stays here as it was.")
 
     def id(self) -> None:
         me = load_identity(self.engine.home)
@@ -563,6 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = cmd("migrate", "move a running session to a paired computer without stopping it (live migration)")
     c.add_argument("name")
     c.add_argument("peer", help="the paired computer (`session-manager peers list`), whose agent must run")
+    c = cmd("send", "copy a session's latest checkpoint to a paired computer, where `start` resumes it later "
+                   "(migration by checkpoint)")
+    c.add_argument("name")
+    c.add_argument("peer", help="the paired computer (`session-manager peers list`), whose agent must run")
+    c.add_argument("--checkpoint", help="a checkpoint id or prefix instead of the latest")
     cmd("id", "print this installation's id, which other computers confirm when they pair with it")
     c = sub.add_parser("peers", help="pair with other computers, list and remove them",
                        description="pair with other computers (each runs `session-manager serve`); only paired "

@@ -498,11 +498,12 @@ class Engine:
             return await self._restore_locked(session, self.find_checkpoint(session, ref), not discard_current,
                                               progress)
 
-    async def adopt(self, ckpt: CheckpointInfo, progress: Progress = _no_progress) -> Status:
+    async def adopt(self, ckpt: CheckpointInfo, progress: Progress = _no_progress, start: bool = True) -> Status:
         """Create a checkpoint's session from its recorded config (the checkpoint came from another computer)
         and start it from that checkpoint; its disk is rebuilt from the repository.
 
-        Should the start fail, the session stays, stopped with the checkpoint as its saved state.
+        Should the start fail, the session stays, stopped with the checkpoint as its saved state (which is all
+        that happens without ``start``: `start` resumes it later).
         """
         config = SessionConfig(**ckpt.meta["config"])
         for label, path in (("kernel", config.kernel), ("initrd", config.initrd), ("ISO", config.iso)):
@@ -514,6 +515,8 @@ class Engine:
         state = session.load_state()
         state.head = state.saved = ckpt.id
         session.save_state(state)
+        if not start:
+            return await self.status(session.name)
         async with self._locked(session):
             await self._restore_locked(session, ckpt, take_before=False, progress=progress)
         return await self.status(session.name)

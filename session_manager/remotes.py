@@ -218,16 +218,25 @@ def open_remote(home: Home, backend: Backend, passphrase: str | None = None) -> 
 def local_target(home: Home, remote: Repository) -> LocalBackend:
     """This home's repository directory, ready to receive ``remote``'s objects: the same repository, or a
     new or empty one, which takes the remote's identity (its config and keys come with the first copy)."""
-    backend = LocalBackend(home.repository)
-    try:
-        config = backend.load("config")
-    except NotFoundError:
-        return backend
-    if config == remote.backend.load("config"):
-        return backend
-    if any(backend.list("checkpoints/")):
+    backend = adopt_identity(home, remote.backend.load("config"))
+    if backend is None:
         raise RepositoryError(f"This computer's repository ({home.repository}) is another one than the one in "
                               f"{remote.backend} and holds checkpoints; use another --home for that one.")
+    return backend
+
+
+def adopt_identity(home: Home, config: bytes) -> LocalBackend | None:
+    """local_target's rule for a repository whose ``config`` is given: this home's repository directory, emptied of
+    another identity if it holds no checkpoints; None when it is another repository that holds some."""
+    backend = LocalBackend(home.repository)
+    try:
+        mine = backend.load("config")
+    except NotFoundError:
+        return backend
+    if mine == config:
+        return backend
+    if any(backend.list("checkpoints/")):
+        return None
     for name in [*backend.list("index/"), *backend.list("keys/"), "config"]:  # its packs are garbage for prune
         backend.delete(name)
     return backend

@@ -1,0 +1,277 @@
+"""`session-manager send NAME PEER`: migrate by checkpoint, for when the other computer is off or far.
+
+The session's latest (or a chosen) checkpoint goes into the paired peer's own repository over its agent
+(``serve``), and the peer gets the session, stopped, with that checkpoint as its saved state: `session-manager
+start NAME` there resumes it, whenever.  Nothing runs there until then, and the session stays here as it is.
+
+The peer's agent exposes a small object store on its repository directory to paired peers (``repo-*``: just
+what store/replicate.py needs), so :func:`replicate` does the copy with all its guarantees (write order, only
+the missing objects, only the packs the checkpoint needs).  ``repo-open`` first applies remotes.local_target's
+rule there (the same repository, or one holding no checkpoints, which takes our identity) and hands over the
+repository's master key, over the paired TLS connection, to be remembered there as any unlocked key is
+(keyring, else the key file beside the repository).  ``session-adopt`` then creates the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .agent import Agent, Call, Connection, connect
+from .engine import Engine, Status
+from .errors import CorruptionError, NotFoundError, PeerError, RepositoryError, UsageError
+from .identity import installation_name
+from .peers import Peers
+from .remotes import adopt_identity
+from .sessions import Session
+from .store import keys as repo_keys
+from .store.backend import AlreadyExistsError, Backend, LocalBackend, NewObject
+from .store.codec import MasterKey
+from .store.replicate import Transfer, TransferProgress, replicate
+from .store.repo import CheckpointInfo
+
+CHUNK = 512 << 10  # bytes of object data per message (base64 keeps a message under agent.MAX_LINE)
+CALL_TIMEOUT = 120.0
+
+_ERRORS: dict[str, type[Exception]] = {"missing": NotFoundError, "exists": AlreadyExistsError,
+                                       "corrupt": CorruptionError}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: Any) -> bytes:
+    try:
+        return base64.b64decode(str(text), validate=True)
+    except ValueError:
+        raise PeerError("A repository request carried malformed data; use the same version of session-manager on "
+                        "both computers.") from None
+
+
+# -- the receiving side: the agent's handlers -------------------------------------------------------------
+
+@dataclass
+class CheckpointReceiver:
+    """Serves this home's repository directory to paired peers, and adopts the sessions they send."""
+
+    engine: Engine
+    uploads: dict[str, tuple[str, NewObject]] = field(default_factory=dict)  # upload id -> (peer, object)
+
+    def register(self, agent: Agent) -> None:
+        for command, handler in (("repo-open", self.repo_open), ("repo-list", self.repo_list),
+                                 ("repo-sizes", self.repo_sizes), ("repo-stat", self.repo_stat),
+                                 ("repo-load", self.repo_load), ("repo-save", self.repo_save),
+                                 ("repo-delete", self.repo_delete), ("session-adopt", self.session_adopt)):
+            agent.register(command, handler)
+
+    @property
+    def backend(self) -> LocalBackend:
+        return LocalBackend(self.engine.home.repository)
+
+    async def repo_open(self, call: Call) -> dict[str, Any]:
+        """Make this repository the caller's (if it is not: only while it holds no checkpoints) and keep its key."""
+        assert call.peer is not None
+        home = self.engine.home
+        config, raw = _unb64(call.args.get("config")), _unb64(call.args.get("key"))
+        try:
+            repo_id = str(json.loads(config)["id"])
+            key = MasterKey(raw)
+        except (ValueError, KeyError, TypeError):
+            raise PeerError("The repository request was malformed; use the same version of session-manager on "
+                            "both computers.") from None
+        if await asyncio.to_thread(adopt_identity, home, config) is None:
+            raise RepositoryError(f"{installation_name()}'s checkpoint repository ({home.repository}) is another one "
+                                  f"than {call.peer.name}'s and holds checkpoints, so it takes none of "
+                                  f"{call.peer.name}'s; run `serve` there with another --home, or use a remote.")
+        await asyncio.to_thread(repo_keys.remember, repo_id, key, str(home.repository),
+                                repo_keys.keyfile_for(home.repository))
+        self.engine._repo = None  # its identity may have changed: opened afresh when next needed
+        return {"id": repo_id}
+
+    async def repo_list(self, call: Call) -> list[str]:
+        return await asyncio.to_thread(lambda: list(self.backend.list(str(call.args.get("prefix", "")))))
+
+    async def repo_sizes(self, call: Call) -> dict[str, int]:
+        return await asyncio.to_thread(self.backend.sizes, str(call.args.get("prefix", "")))
+
+    async def repo_stat(self, call: Call) -> dict[str, Any]:
+        return await self._answer(self.backend.stat, str(call.args.get("name")))
+
+    async def repo_load(self, call: Call) -> dict[str, Any]:
+        length = min(int(call.args.get("length") or CHUNK), CHUNK)
+        return await self._answer(lambda: _b64(self.backend.load(str(call.args.get("name")),
+                                                                 int(call.args.get("offset") or 0), length)))
+
+    async def repo_save(self, call: Call) -> dict[str, Any]:
+        """One piece of an object (``upload`` names it, from the first piece on); ``name`` with the last one."""
+        assert call.peer is not None
+        data, upload, name = _unb64(call.args.get("data")), call.args.get("upload"), call.args.get("name")
+        if upload is None and name is not None:  # the whole object at once
+            return await self._answer(self.backend.save, str(name), data)
+        upload = str(upload)
+        if upload not in self.uploads:
+            self.uploads[upload] = (call.peer.name, await asyncio.to_thread(self.backend.create))
+        peer, obj = self.uploads[upload]
+        if peer != call.peer.name:
+            raise PeerError("That upload belongs to another peer; send the object again.")
+        try:
+            await asyncio.to_thread(obj.write, data)
+            if name is None:
+                return {"result": None}
+            del self.uploads[upload]
+            return await self._answer(obj.finish, str(name))
+        except BaseException:
+            self.uploads.pop(upload, None)
+            obj.abort()
+            raise
+
+    async def repo_delete(self, call: Call) -> None:
+        await asyncio.to_thread(self.backend.delete, str(call.args.get("name")))
+
+    @staticmethod
+    async def _answer(fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
+        """``{"result": ...}``, or the kind of a repository error the caller's code handles (missing, ...)."""
+        try:
+            return {"result": await asyncio.to_thread(fn, *args)}
+        except (NotFoundError, AlreadyExistsError, CorruptionError) as e:
+            kind = next(k for k, cls in _ERRORS.items() if isinstance(e, cls))
+            return {"kind": kind, "message": str(e)}
+
+    async def session_adopt(self, call: Call) -> dict[str, Any]:
+        """Make the checkpoint's session exist here, stopped, with it as its saved state (`start` resumes it)."""
+        assert call.peer is not None
+        engine = self.engine
+        ckpt = await asyncio.to_thread(engine.repo.get, str(call.args.get("checkpoint")))
+        session = Session(engine.home, ckpt.session)
+        if not session.exists():
+            return _status(await engine.adopt(ckpt, start=False))
+        async with engine._locked(session):
+            if engine.sockets(session).pid() is not None:
+                raise UsageError(f"Session {ckpt.session!r} is running on {installation_name()}; stop it there "
+                                 "first, then send it again.")
+            state = session.load_state()
+            state.head = state.saved = ckpt.id
+            state.moved_to = state.running_boot = None
+            session.save_state(state)
+        return _status(await engine.status(session.name))
+
+
+def _status(st: Status) -> dict[str, Any]:
+    return asdict(st)
+
+
+# -- the sending side ---------------------------------------------------------------------------------------
+
+class AgentBackend(Backend):
+    """A peer's repository directory, through its agent (CheckpointReceiver) over one connection.
+
+    Its methods are synchronous, for replicate()'s worker threads: each runs its call on ``loop``, the event
+    loop that owns ``conn`` (never call them from that loop's thread), one call at a time."""
+
+    def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
+        self.conn, self.loop = conn, loop
+        self._lock = asyncio.Lock()
+
+    def __str__(self) -> str:
+        return f"{self.conn.name}'s repository"
+
+    async def _call_async(self, command: str, **args: Any) -> Any:
+        async with self._lock:
+            return await self.conn.call(command, timeout=CALL_TIMEOUT, **args)
+
+    def _call(self, command: str, **args: Any) -> Any:
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            raise RuntimeError("AgentBackend is used from its event loop's thread; use a worker thread")
+        return asyncio.run_coroutine_threadsafe(self._call_async(command, **args), self.loop).result(
+            CALL_TIMEOUT + 10)
+
+    def _checked(self, command: str, **args: Any) -> Any:
+        reply = self._call(command, **args)
+        if "kind" in reply:
+            raise _ERRORS.get(reply["kind"], RepositoryError)(reply["message"])
+        return reply["result"]
+
+    def save(self, name: str, data: bytes) -> None:
+        if len(data) <= CHUNK:
+            self._checked("repo-save", name=name, data=_b64(data))
+            return
+        upload = secrets.token_hex(16)
+        for start in range(0, len(data), CHUNK):
+            last = start + CHUNK >= len(data)
+            self._checked("repo-save", upload=upload, data=_b64(data[start:start + CHUNK]),
+                          **({"name": name} if last else {}))
+
+    def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if length is None:
+            length = self.stat(name) - offset
+        parts = []
+        for start in range(offset, offset + length, CHUNK):
+            size = min(CHUNK, offset + length - start)
+            part = base64.b64decode(self._checked("repo-load", name=name, offset=start, length=size))
+            parts.append(part)
+            if len(part) < size:
+                break
+        data = b"".join(parts)
+        if len(data) != length:
+            raise CorruptionError(f"The repository object {name} on {self.conn.name} is shorter than expected; run "
+                                  "`session-manager check` there.")
+        return data
+
+    def list(self, prefix: str) -> Iterator[str]:
+        return iter(self._call("repo-list", prefix=prefix))
+
+    def delete(self, name: str) -> None:
+        self._call("repo-delete", name=name)
+
+    def stat(self, name: str) -> int:
+        return int(self._checked("repo-stat", name=name))
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self._call("repo-sizes", prefix=prefix).items()}
+
+
+@dataclass
+class Sent:
+    checkpoint: CheckpointInfo
+    transfer: Transfer
+    status: dict[str, Any]  # the session's status on the peer
+
+
+async def send(engine: Engine, name: str, peer_name: str, ref: str | None = None,
+               progress: TransferProgress | None = None) -> Sent:
+    """Copy what checkpoint ``ref`` (default: the session's latest) needs into the peer's repository, with the
+    repository's key, and make the session exist there, stopped, resuming from it on `start`."""
+    session = engine.session(name)
+    peer = Peers(engine.home).get(peer_name)
+    if ref:
+        ckpt = engine.find_checkpoint(session, ref)
+    else:
+        ckpts = engine.checkpoints(name)
+        if not ckpts:
+            raise UsageError(f"Session {name!r} has no checkpoint to send; take one with `session-manager checkpoint "
+                             f"{name}` (or stop it, which saves one).")
+        ckpt = ckpts[-1]
+    repo = engine.repo
+    stop = threading.Event()
+    async with connect(engine.home, peer) as conn:
+        await conn.call("repo-open", timeout=CALL_TIMEOUT, config=_b64(repo.backend.load("config")),
+                        key=_b64(repo.master.raw))
+        backend = AgentBackend(conn, asyncio.get_running_loop())
+        try:
+            sent = await asyncio.to_thread(replicate, repo, backend, checkpoints=[ckpt.id], progress=progress,
+                                           stop=stop)
+        finally:
+            stop.set()
+        status = await conn.call("session-adopt", timeout=CALL_TIMEOUT, checkpoint=ckpt.id)
+    return Sent(ckpt, sent, status)
