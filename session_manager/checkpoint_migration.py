@@ -262,16 +262,26 @@ async def send(engine: Engine, name: str, peer_name: str, ref: str | None = None
             raise UsageError(f"Session {name!r} has no checkpoint to send; take one with `session-manager checkpoint "
                              f"{name}` (or stop it, which saves one).")
         ckpt = ckpts[-1]
-    repo = engine.repo
-    stop = threading.Event()
     async with connect(engine.home, peer) as conn:
-        await conn.call("repo-open", timeout=CALL_TIMEOUT, config=_b64(repo.backend.load("config")),
-                        key=_b64(repo.master.raw))
-        backend = AgentBackend(conn, asyncio.get_running_loop())
-        try:
-            sent = await asyncio.to_thread(replicate, repo, backend, checkpoints=[ckpt.id], progress=progress,
-                                           stop=stop)
-        finally:
-            stop.set()
+        sent = await _copy(engine, conn, [ckpt.id], progress)
         status = await conn.call("session-adopt", timeout=CALL_TIMEOUT, checkpoint=ckpt.id)
     return Sent(ckpt, sent, status)
+
+
+async def send_history(engine: Engine, name: str, peer_name: str, progress: TransferProgress | None = None) -> Transfer:
+    """Copy every checkpoint of a session to the peer's repository (after a live migration: its timeline there)."""
+    ids = [c.id for c in engine.checkpoints(name)]
+    async with connect(engine.home, Peers(engine.home).get(peer_name)) as conn:
+        return await _copy(engine, conn, ids, progress)
+
+
+async def _copy(engine: Engine, conn: Connection, ids: list[str], progress: TransferProgress | None) -> Transfer:
+    repo = engine.repo
+    stop = threading.Event()
+    await conn.call("repo-open", timeout=CALL_TIMEOUT, config=_b64(repo.backend.load("config")),
+                    key=_b64(repo.master.raw))
+    try:
+        return await asyncio.to_thread(replicate, repo, AgentBackend(conn, asyncio.get_running_loop()),
+                                       checkpoints=ids, progress=progress, stop=stop)
+    finally:
+        stop.set()

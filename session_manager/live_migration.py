@@ -11,7 +11,8 @@ The source (the CLI) holds the session's lock throughout and talks to the peer's
     migrate-abort   on any failure before that: the peer kills its QEMU and removes the half-made session (and
                     puts back a stopped session of that name it replaced); the source runs on
 
-The checkpoint history does not move: the peer's session starts a fresh one.
+Afterwards the session's checkpoints are copied to the peer's repository (checkpoint_migration), so its
+timeline goes with it; the session there starts a new branch from the migrated state.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from .agent import Agent, Call, connect
+from .checkpoint_migration import send_history
 from .engine import Engine
-from .errors import PeerError, UsageError
+from .errors import PeerError, SessionManagerError, UsageError
 from .identity import TLS_HOSTNAME, installation_name, load_identity, write_qemu_tls_dir
 from .paths import make_private_dir
 from .peers import Peer, Peers, parse_address
@@ -235,6 +237,13 @@ async def migrate(engine: Engine, name: str, peer_name: str, say: Callable[[str]
         state = session.load_state()
         state.moved_to, state.running_boot = peer.name, None  # stopped on purpose: not a crash
         session.save_state(state)
+    say(f"Copying the checkpoints of {name} to {peer.name}")
+    try:  # the session runs there already: its history following is a bonus that can be redone
+        sent = await send_history(engine, name, peer.name)
+        say(f"  {sent.objects_done} objects")
+    except SessionManagerError as e:
+        say(f"The checkpoints of {name} stay here ({e}); `session-manager send {name} {peer.name}` copies the "
+            "latest later.")
     return result
 
 

@@ -32,6 +32,7 @@ def test_migrate_moves_a_running_session_to_a_paired_peer(tmp_path: Path, guest:
         assert a("status", "desk", "--json").json()["run_state"] == "running"
         keeps_running(here, here.last_start(), count=2)
 
+        taken = a("checkpoint", "desk", "-m", "before the move", "--json").json()["id"]
         with serving(b, f"127.0.0.1:{port_b}"):
             run = a("migrate", "desk", "b", "--json")
         last_here = here.counters()[-1]
@@ -47,6 +48,8 @@ def test_migrate_moves_a_running_session_to_a_paired_peer(tmp_path: Path, guest:
         assert last_here < first <= last_here + 2  # on from where it stopped here: no step back, no jump
         keeps_running(there, since)  # consecutive, and its disk checks pass ("disk ok")
 
+        # Its timeline went along: the checkpoint taken here is in b's repository, under the same session.
+        assert [(c["id"], c["note"]) for c in b("checkpoints", "desk", "--json").json()] == [(taken, "before the move")]
         gone = a("status", "desk", "--json").json()
         assert gone["pid"] is None and gone["moved_to"] == "b" and not gone["crashed"]
         assert "Session desk: running on b" in a("status", "desk").stdout
