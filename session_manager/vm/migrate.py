@@ -80,6 +80,7 @@ SERVER_EXPORT = "sm-mig-export"
 PREFIX_TLS, PREFIX_NODE, PREFIX_JOB = "sm-mig-tls-", "smmig", "sm-mig-"
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s; QEMU's default max-bandwidth is 32 MiB/s
 POLL = 0.05
+NEAR_SWITCH, SWITCH_POLL = 256 << 20, 0.002  # RAM left, and the polling then: the guest stops at pre-switchover
 CLEANUP_TIMEOUT = 20.0
 # Capabilities a migration here sets; all are put back afterwards (background-snapshot too, which the engine
 # leaves on for checkpoints and which excludes all the others).
@@ -270,7 +271,7 @@ class Migration:
     postcopy_after_passes: int = 2  # switch to post-copy when pre-copy has not finished after this many passes
     max_bandwidth: int = UNLIMITED_BANDWIDTH  # bytes/s for memory
     mirror_speed: int = 0  # bytes/s for the disk copy; 0 = unlimited
-    downtime_limit_ms: int = 300
+    downtime_limit_ms: int = 50  # QEMU's default is 300
     stall_timeout: float = 30.0  # nothing moved (or QEMU did not answer) for this long: the link is cut
     progress: ProgressCallback = _no_progress
 
@@ -460,7 +461,7 @@ class Migration:
                     await self._q("migrate-start-postcopy")
                     self._switching = True
             watch.check(self._moved(), "the migration")
-            await asyncio.sleep(POLL)
+            await asyncio.sleep(SWITCH_POLL if status == "active" and remaining < NEAR_SWITCH else POLL)
 
     async def _finish_mirror(self) -> None:
         """block-job-cancel of a READY mirror: it copies what is still dirty, then ends without a pivot."""
