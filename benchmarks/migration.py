@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import ipaddress
 import os
 import re
 import signal
@@ -37,20 +35,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
 from benchmarks.common import machine_line  # noqa: E402
 from session_manager.cli import _setup_logging  # noqa: E402
 from session_manager.engine import Engine  # noqa: E402
+from session_manager.identity import certificate  # noqa: E402
 from session_manager.paths import Home  # noqa: E402
 from session_manager.testguest import build  # noqa: E402
 from session_manager.vm.disk import create_blank, image_info, new_layer_name  # noqa: E402
 from session_manager.vm.machine import Machine, Sockets, launch, node_name  # noqa: E402
 from session_manager.vm.migrate import (  # noqa: E402
-    UNLIMITED_BANDWIDTH, Migration, finish_incoming, prepare_incoming, resume_source,
+    UNLIMITED_BANDWIDTH,
+    Migration,
+    finish_incoming,
+    prepare_incoming,
+    resume_source,
 )
 from session_manager.vm.qemu import command_line, find_qemu  # noqa: E402
 
@@ -60,27 +59,7 @@ MB = 1e6
 # -- TLS: each side a self-signed certificate; each trusts the other's (as tests/test_migrate.py) ----------------
 
 def self_signed(cn: str) -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return (cert.public_bytes(serialization.Encoding.PEM),
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()))
+    return certificate(cn, ["localhost", "127.0.0.1"], 1)
 
 
 def tls_dir(path: Path, own: tuple[bytes, bytes], peer_cert: bytes) -> Path:

@@ -16,10 +16,12 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import ipaddress
 import os
 import re
 import shutil
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -70,12 +72,31 @@ def load_identity(home: Home) -> Identity:
 def _create(folder: Path) -> None:
     """Make the key and certificate in a new directory, then rename it to ``folder``: of processes doing this at
     once, one wins and the others' rename fails."""
-    key = ec.generate_private_key(ec.SECP256R1())
     name = installation_name()
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"session-manager on {name}"[:64])])
     dns = [n for n in dict.fromkeys([name, TLS_HOSTNAME]) if re.fullmatch(r"[A-Za-z0-9.-]{1,253}", n)]
+    cert, key = certificate(f"session-manager on {name}"[:64], dns, VALID_DAYS)
+    new = make_private_dir(folder.with_name(f".{folder.name}.{os.getpid()}"))
+    _write_private(new / "key.pem", key)
+    (new / "cert.pem").write_bytes(cert)
+    try:
+        os.rename(new, folder)
+    except OSError:  # another process made it first
+        shutil.rmtree(new)
+
+
+def certificate(common_name: str, names: Sequence[str], days: int) -> tuple[bytes, bytes]:
+    """A new P-256 key and a self-signed certificate for ``names`` (DNS names or IP addresses), its own CA and a
+    TLS server and client certificate at once: (certificate PEM, key PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.timezone.utc)
     public = key.public_key()
+    alt: list[x509.GeneralName] = []
+    for n in names:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            alt.append(x509.DNSName(n))
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -83,26 +104,21 @@ def _create(folder: Path) -> None:
         .public_key(public)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, content_commitment=False,
                                      key_encipherment=False, data_encipherment=False, key_agreement=False,
                                      crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                        critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
         .sign(key, hashes.SHA256())
     )
-    new = make_private_dir(folder.with_name(f".{folder.name}.{os.getpid()}"))
-    _write_private(new / "key.pem", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                      serialization.NoEncryption()))
-    (new / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    try:
-        os.rename(new, folder)
-    except OSError:  # another process made it first
-        shutil.rmtree(new)
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
 
 
 def _write_private(path: Path, data: bytes) -> None:

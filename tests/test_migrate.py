@@ -7,8 +7,6 @@ command line, a blank qcow2 of the same size, ``-incoming defer`` and ``-S``, an
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import os
 import secrets
@@ -22,19 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from conftest import ROOT, Serial, Sm
+
+from session_manager.identity import certificate
 from session_manager.paths import Home
 from session_manager.sessions import Session
 from session_manager.vm.disk import create_blank, image_info, new_layer_name
 from session_manager.vm.machine import Machine, RunState, Sockets, launch, node_name
 from session_manager.vm.migrate import (
-    Migration, MigrationCancelled, MigrationError, MigrationProgress, MigrationResult, finish_incoming,
-    prepare_incoming, recover_source, resume_source,
+    Migration,
+    MigrationCancelled,
+    MigrationError,
+    MigrationProgress,
+    MigrationResult,
+    finish_incoming,
+    prepare_incoming,
+    recover_source,
+    resume_source,
 )
 from session_manager.vm.qemu import command_line, find_qemu
 
@@ -68,27 +70,7 @@ asyncio.run(main())
 # -- certificates: each side a self-signed certificate; each trusts the other's ------------------------------
 
 def self_signed(cn: str) -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return (cert.public_bytes(serialization.Encoding.PEM),
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()))
+    return certificate(cn, ["localhost", "127.0.0.1"], 1)
 
 
 def tls_dir(path: Path, own: tuple[bytes, bytes], peer_cert: bytes) -> Path:
