@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import NotFoundError, QemuError, SessionManagerError, UsageError
+from .errors import NotFoundError, QemuError, SessionManagerError, StreamFormatError, UsageError
 from .paths import Home
 from .sessions import Session, SessionConfig, SessionState, list_sessions
 from .store.repo import CheckpointInfo, Repository
@@ -378,8 +378,18 @@ class Engine:
                     progress("Saving memory", min((i << REGION_SHIFT) / ram, 0.99))
 
         with self.repo.writer(session=session.name, parent=state.head) as w:
-            cap, _ = await capture(m, session.disks, lambda read: w.add_memory(memory(iter_segments(read))),
-                                   switched, live)
+            try:
+                cap, _ = await capture(m, session.disks, lambda read: w.add_memory(memory(iter_segments(read))),
+                                       switched, live)
+            except StreamFormatError as e:  # the stream broke off: say why when it is because QEMU died
+                deadline = time.monotonic() + 1.0  # a killed QEMU's pid goes a moment after its stream
+                while self.sockets(session).pid() is not None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                if self.sockets(session).pid() is None:
+                    raise QemuError(f"QEMU exited in the middle of the checkpoint of {session.name}, so it was "
+                                    f"not kept; earlier checkpoints are intact, and `session-manager recover "
+                                    f"{session.name}` restores the latest.") from e
+                raise
             progress("Saving disk changes", -1)
             await asyncio.to_thread(self._ingest_disk, w, session, cap.frozen_layer, _layer_of(state, state.head))
             if thumbnail:
