@@ -407,6 +407,7 @@ class Engine:
         """Store the frozen disk: only what changed since the parent checkpoint when its disk file is here."""
         with vdisk.ChainReader(session.layer_path(frozen)) as reader:
             depth = reader.depth_of(session.layer_path(parent_layer[0])) if parent_layer else None
+            base = parent_layer[1] if parent_layer and depth is not None else None
             changed = 0
 
             def counted() -> Iterator[tuple[int, bytes]]:
@@ -415,9 +416,9 @@ class Engine:
                     changed += 1
                     yield chunk
 
-            w.add_disk(reader.size, counted(), parent_layer[1] if depth is not None else None)
-        log.info("disk of %s: %s", session.name, f"{changed} chunks changed since {parent_layer[1][:8]}"
-                 if parent_layer and depth is not None else f"stored whole ({changed} chunks with data)")
+            w.add_disk(reader.size, counted(), base)
+        log.info("disk of %s: %s", session.name, f"{changed} chunks changed since {base[:8]}" if base
+                 else f"stored whole ({changed} chunks with data)")
 
     async def _tidy_disk(self, session: Session, m: Machine, state: SessionState) -> None:
         """Keep the disk chain short and drop disk files nothing needs.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import socket
@@ -11,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_store import assert_consistent, ingest, stream_of, synthetic_stream
+from test_store import assert_consistent, ingest, synthetic_stream
 
 from conftest import S3Server, Serial, Sm
 from session_manager.errors import CorruptionError, RepositoryError, UsageError
