@@ -43,7 +43,7 @@ from obstore.store import S3Store  # noqa: E402
 from s3server import S3Server, s3_server  # noqa: E402
 
 from benchmarks.checkpoint import wait_migrated  # noqa: E402
-from benchmarks.common import machine_line  # noqa: E402
+from benchmarks.common import machine_line, wait_serial  # noqa: E402
 from session_manager.autosave import Autosaver, AutosavePolicy  # noqa: E402
 from session_manager.cli import _setup_logging  # noqa: E402
 from session_manager.engine import Engine  # noqa: E402
@@ -102,15 +102,6 @@ class WorkMeter(threading.Thread):
         if not parts:
             raise SystemExit(f"no `work N` line overlaps {start:.1f}..{end:.1f}")
         return sum(w * n for w, n in parts) / sum(w for w, _ in parts), min(n for _, n in parts)
-
-
-def wait_serial(path: Path, pattern: str, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and re.search(pattern, path.read_text(errors="replace"), re.M):
-            return
-        time.sleep(0.5)
-    raise SystemExit(f"the guest never printed {pattern!r}")
 
 
 def objects(backend: Backend) -> dict[str, int]:

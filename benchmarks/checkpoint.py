@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_line  # noqa: E402
+from benchmarks.common import machine_line, wait_serial  # noqa: E402
 from session_manager.cli import _setup_logging  # noqa: E402
 from session_manager.engine import Engine  # noqa: E402
 from session_manager.paths import Home  # noqa: E402
@@ -54,15 +54,6 @@ def cli(home: Path, *args: str) -> tuple[dict, float, int]:
     if proc.returncode != 0:
         raise SystemExit(f"session-manager {' '.join(args)} failed; see {home}/state/session-manager.log")
     return json.loads(out), time.monotonic() - start, usage.ru_maxrss * 1024
-
-
-def wait_serial(path: Path, pattern: str, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and re.search(pattern, path.read_text(errors="replace"), re.M):
-            return
-        time.sleep(0.5)
-    raise SystemExit(f"the guest never printed {pattern!r}")
 
 
 async def wait_job(m: Machine, job: str) -> None:

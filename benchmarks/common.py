@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+import time
 from pathlib import Path
 
 from session_manager.vm.qemu import find_qemu
@@ -18,3 +20,13 @@ def machine_line() -> str:
     return (f"Machine: {cpu}, {os.cpu_count()} cores, {memory} GiB, Linux {platform.release()}, "
             f"QEMU {find_qemu().version_text}, accelerator {os.environ['SESSION_MANAGER_ACCEL']}, "
             f"Python {platform.python_version()}.")
+
+
+def wait_serial(path: Path, pattern: str, timeout: float = 900) -> None:
+    """Wait until the guest's serial log at ``path`` has a line matching ``pattern``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and re.search(pattern, path.read_text(errors="replace"), re.M):
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"the guest never printed {pattern!r}")
