@@ -12,8 +12,16 @@ refusal for anything else, and the connection closes.
 
 The protocol is JSON lines, one call at a time: the client sends ``{"call": COMMAND, "args": {...}}``; the
 agent answers with any number of ``{"event": ...}`` (streamed by the handler), then ``{"result": ...}`` or
-``{"error": SENTENCE}``.  A client that disconnects cancels its call.  Commands are added with
+``{"error": SENTENCE}``.  A client that disconnects cancels its call; ``Call.closed`` tells a handler when the
+connection has ended, so that work it leaves behind (a half-made incoming session) can be tied to it.  TCP
+keepalive ends a connection whose peer vanished within about 15 s, idle or not.  Commands are added with
 :meth:`Agent.register`; :func:`connect` opens a connection to a paired peer, :func:`pair` pairs with a new one.
+
+A handler may take over the connection after its result (it sets ``Call.relay``): the client, once it has read
+the result line, sends one byte (GO_AHEAD) and from then on the connection carries raw bytes both ways, relayed
+by the handler (``display``: a session's VNC, handover.py) until either side closes it.  The agent relays only
+after that byte, so nothing relayed lands in the client's line buffer: :meth:`Connection.hand_over` gives the
+connection to the client's own protocol first, then sends the byte.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -49,6 +58,10 @@ log = logging.getLogger(__name__)
 
 MAX_LINE = 1 << 20  # bytes of one message
 TIMEOUT = 10.0  # seconds to connect, and to answer a hello
+KEEPALIVE = (5, 2, 5)  # TCP keepalive: idle seconds, probe interval, probes; a silent peer is dropped within ~15 s
+GO_AHEAD = b"\x00"  # the client's one byte before a relayed connection's raw bytes
+
+Relay = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 @dataclass
@@ -61,6 +74,8 @@ class Call:
     peer: Peer | None
     host: str  # the address the call came from
     send: Callable[[Any], Awaitable[None]]
+    closed: asyncio.Event  # set when the caller's connection ends (a handler may leave work tied to it)
+    relay: Relay | None = None  # set by a handler to take over the connection after its result (module docstring)
 
 
 Handler = Callable[[Call], Awaitable[Any]]
@@ -77,6 +92,18 @@ def _certificate(tls: ssl.SSLObject) -> bytes | None:
         return tls.getpeercert(binary_form=True)
     except ValueError:  # asked for, not yet received
         return None
+
+
+def _keepalive(writer: asyncio.StreamWriter) -> None:
+    """Notice a peer that vanished (cable pulled, host down) even while the connection is idle, and unanswered
+    data within the same time."""
+    sock = writer.get_extra_info("socket")
+    idle, interval, count = KEEPALIVE
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000 * (idle + interval * count))
 
 
 def agent_port(home: Home) -> int | None:
@@ -151,17 +178,21 @@ class Agent:
         assert task is not None
         self._connections[task] = writer
         host = str((writer.get_extra_info("peername") or ["?"])[0])
+        closed = asyncio.Event()
         try:
-            await self._converse(reader, writer, host)
+            _keepalive(writer)
+            await self._converse(reader, writer, host, closed)
         except (OSError, ValueError) as e:  # ssl.SSLError is an OSError; a line over MAX_LINE is a ValueError
             log.info("The connection from %s ended: %s", host, e)
         finally:
+            closed.set()
             del self._connections[task]
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), 1)
 
-    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str,
+                        closed: asyncio.Event) -> None:
         tls: ssl.SSLObject = writer.get_extra_info("ssl_object")
 
         async def send(message: dict[str, Any]) -> None:
@@ -197,12 +228,16 @@ class Agent:
                 self._tls.load_verify_locations(cadata=claimed.certificate)
                 tls.verify_client_post_handshake()  # sent with the reply; the certificate precedes the next call
                 asked = True
-            call = Call(command, args, peer, host, lambda message: send({"event": message}))
+            call = Call(command, args, peer, host, lambda message: send({"event": message}), closed)
             reply = await self._run(handler, call, reader)
             if reply is None:
                 log.info("%s left during %s; the call was cancelled", host, command)
                 return
             await send(reply)
+            if call.relay is not None and "result" in reply:
+                if await asyncio.wait_for(reader.read(1), TIMEOUT) == GO_AHEAD:
+                    await call.relay(reader, writer)
+                return
 
     async def _run(self, handler: Handler, call: Call, reader: asyncio.StreamReader) -> dict[str, Any] | None:
         """The reply to a call, or None when the caller disconnected first (the call is then cancelled)."""
@@ -295,6 +330,7 @@ class Connection:
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
         self.certificate = ssl.DER_cert_to_PEM_cert(der)
         self.fingerprint = fingerprint(der)
+        self._handed_over = False
 
     async def call(self, command: str, on_event: Callable[[Any], None] | None = None, timeout: float | None = None,
                    **args: Any) -> Any:
@@ -325,7 +361,19 @@ class Connection:
                                                  fingerprint=self.identity.fingerprint)
         return result
 
+    def hand_over(self, protocol: asyncio.BaseProtocol) -> None:
+        """After a call whose handler took over the connection, give the rest of it to ``protocol`` (raw bytes
+        both ways, see the module docstring), which owns it from now on: :meth:`close` leaves it open.  Keep this
+        Connection referenced while the protocol runs: the StreamWriter in it closes the transport when collected."""
+        transport = self._writer.transport
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        transport.write(GO_AHEAD)  # the agent starts relaying only now, so every relayed byte reaches ``protocol``
+        self._handed_over = True
+
     async def close(self) -> None:
+        if self._handed_over:
+            return
         self._writer.close()
         with contextlib.suppress(OSError, TimeoutError):
             await asyncio.wait_for(self._writer.wait_closed(), 1)
@@ -348,6 +396,7 @@ async def _open(address: str, identity: Identity, name: str) -> Connection:
         where = address if name == address else f"{name} at {address}"
         raise PeerError(f"Cannot reach {where} ({reason}); check that `session-manager serve` runs there and that "
                         f"port {port} is open.") from None
+    _keepalive(writer)
     return Connection(reader, writer, identity, name)
 
 

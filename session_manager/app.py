@@ -26,15 +26,17 @@ from .peers import DEFAULT_PORT, parse_address
 from .remotes import Credentials, Remote, Remotes, normalize_url, open_backend, open_remote, remote_sessions, resume
 from .resources import APP_ID, icon_path
 from .services.background import BackgroundWork
+from .services.peers import PeerReachability
 from .services.session import SessionService
 from .settings import Settings
 from .store.repo import CheckpointInfo
-from .ui.dialogs import confirm_restore, pause_text, size_text, when
+from .ui.dialogs import confirm_migrate, confirm_restore, when
 from .ui.firstrun import FirstRunDialog, ResumeFrom
 from .ui.hotkey import GlobalHotkey
 from .ui.settings_dialog import SettingsDialog
 from .ui.tray import Tray
 from .ui.window import FULL_SCREEN, SessionWindow, TimelineWindow
+from .units import pause_text, size_text
 from .vm.migrate import MigrationResult
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,8 @@ class App(QObject):
         self.window = SessionWindow(self.service)
         self.timeline = TimelineWindow(self.service)
         self.hotkey = GlobalHotkey(self)
-        self.tray = Tray(self.service, settings.checkpoint_shortcut, self) \
+        self.peers = PeerReachability(engine.home, parent=self)  # which paired machines answer, for the tray
+        self.tray = Tray(self.service, self.peers, settings.checkpoint_shortcut, self) \
             if QSystemTrayIcon.isSystemTrayAvailable() else None
         self.background = BackgroundWork(engine, settings, name, self)
         self.finished: asyncio.Future[None] = asyncio.get_event_loop().create_future()
@@ -147,13 +150,9 @@ class App(QObject):
             self.tray.icon.showMessage("Session Manager", text)
 
     def request_migrate(self, peer: str) -> None:
-        answer = QMessageBox.question(
-            self.window, "Move the session?",
-            f"Move {self.service.name} to {peer}? It keeps running while its disk and memory are copied and pauses "
-            "for a moment at the switch; if anything fails it simply goes on running here.",
-            QMessageBox.StandardButton.Ok | QMessageBox.StandardButton.Cancel)
-        if answer == QMessageBox.StandardButton.Ok:
-            self.service.migrate(peer)
+        go, postcopy = confirm_migrate(self.window, self.service.name, peer)
+        if go:
+            self.service.migrate(peer, postcopy)
 
     def _migrated(self, peer: str, result: MigrationResult) -> None:
         self._notify(f"{self.service.name} now runs on {peer}: it paused {pause_text(result.downtime_ms)}, "
@@ -225,6 +224,7 @@ class App(QObject):
         self.service.close()
         self.window.viewer.disconnect_()
         await self.background.stop()
+        await self.peers.close()
         if self._agent_server is not None:
             server = await self._agent_server
             if server is not None:

@@ -20,13 +20,13 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .agent import Agent, check, pair
+from .checkpoint_migration import CheckpointReceiver
+from .checkpoint_migration import send as send_checkpoint
 from .daemon import Daemon, recovered_message
 from .engine import DEMO_NAME, UFFD_ADVICE, Engine
 from .errors import PeerError, SessionManagerError, UsageError
 from .identity import check_id, installation_name, load_identity, matches, short_id
-from .checkpoint_migration import CheckpointReceiver
-from .checkpoint_migration import send as send_checkpoint
-from .live_migration import Receiver
+from .live_migration import Receiver, describe
 from .live_migration import migrate as live_migrate
 from .paths import HOME_ENV, Home
 from .peers import DEFAULT_PORT, Peers, parse_address
@@ -44,6 +44,8 @@ from .remotes import (
 from .store import keys as repo_keys
 from .store.replicate import Transfer, TransferProgress, replicate
 from .store.repo import CheckpointInfo
+from .units import size_text
+from .vm.migrate import MigrationProgress
 
 log = logging.getLogger("session_manager")
 
@@ -72,14 +74,6 @@ def rate(text: str) -> int:
     return parse_size(text.removesuffix("/s"), 1)
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
 def local_time(iso: str) -> str:
     return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
@@ -94,7 +88,7 @@ def checkpoint_row(c: CheckpointInfo) -> list[Any]:
     m = c.meta
     pause = f"{m['pause_ms']:.1f} ms" if m.get("pause_ms") is not None else "-"
     flags = ("pinned " if c.pinned else "") + str(m.get("kind", ""))
-    return [c.id[:8], local_time(c.created), (c.parent or "-")[:8], pause, human(c.added_bytes), flags, c.note]
+    return [c.id[:8], local_time(c.created), (c.parent or "-")[:8], pause, size_text(c.added_bytes), flags, c.note]
 
 
 def ask_passphrase(prompt: str) -> str:
@@ -218,7 +212,7 @@ class Cli:
         c = asyncio.run(self.engine.checkpoint(self.args.name, self.args.message or ""))
         mode = "live" if c.meta["live"] else "stop-and-copy: the guest was paused"
         self.out(c.to_dict(), f"Checkpoint {c.id[:8]}: paused {c.meta['pause_ms']:.1f} ms ({mode}), "
-                              f"{c.meta['wall_s']:.2f} s, added {human(c.added_bytes)}.")
+                              f"{c.meta['wall_s']:.2f} s, added {size_text(c.added_bytes)}.")
         self._advise(c.meta["live"])
 
     def checkpoints(self) -> None:
@@ -314,10 +308,19 @@ class Cli:
     def migrate(self) -> None:
         a = self.args
         say = (lambda line: None) if a.json else (lambda line: print(line, flush=True))  # noqa: E731
-        r = asyncio.run(live_migrate(self.engine, a.name, a.peer, say))
+        shown: tuple[str, int] | None = None
+
+        def progress(p: MigrationProgress) -> None:  # a line per phase, disk quarter and memory pass
+            nonlocal shown
+            step = (p.phase, p.passes if p.phase == "memory" else int(p.fraction * 4) if p.phase == "disk" else 0)
+            if step != shown:
+                shown = step
+                say(f"  {describe(p, a.peer)}")
+
+        r = asyncio.run(live_migrate(self.engine, a.name, a.peer, say, progress, postcopy=a.postcopy, limit=a.limit))
         self.out({"session": a.name, "peer": a.peer, **asdict(r), "bytes_sent": r.bytes_sent},
                  f"Migrated {a.name} to {a.peer}: the guest paused {r.downtime_ms:.0f} ms, {r.total_s:.1f} s in all, "
-                 f"{human(r.bytes_sent)} sent ({human(r.disk_bytes)} disk, {human(r.ram_bytes)} memory and "
+                 f"{size_text(r.bytes_sent)} sent ({size_text(r.disk_bytes)} disk, {size_text(r.ram_bytes)} memory and "
                  f"devices). It runs there now; its checkpoints stay here.")
 
     def send(self) -> None:
@@ -327,7 +330,7 @@ class Cli:
         self.out({"session": a.name, "peer": a.peer, "checkpoint": r.checkpoint.to_dict(),
                   "transfer": r.transfer.to_dict(), "status": r.status},
                  f"Sent checkpoint {r.checkpoint.id[:8]} of {a.name} ({local_time(r.checkpoint.created)}) to {a.peer}: "
-                 f"{r.transfer.objects_done} objects, {human(r.transfer.bytes_done)}. `session-manager start {a.name}` "
+                 f"{r.transfer.objects_done} objects, {size_text(r.transfer.bytes_done)}. `session-manager start {a.name}` "
                  "there resumes it; the session stays here as it was.")
 
     def id(self) -> None:
@@ -393,7 +396,7 @@ class Cli:
         else:
             rs = remotes.all()
             self.out([asdict(r) for r in rs], lambda: table(
-                [[r.name, r.url, r.endpoint or "-", f"{human(r.limit)}/s" if r.limit else "-"] for r in rs],
+                [[r.name, r.url, r.endpoint or "-", f"{size_text(r.limit)}/s" if r.limit else "-"] for r in rs],
                 ["NAME", "URL", "ENDPOINT", "LIMIT"]) if rs else
                 "No remotes yet; add one with `session-manager remote add NAME s3://BUCKET/PREFIX --endpoint URL`.")
 
@@ -402,7 +405,7 @@ class Cli:
         remote = remotes.pick(self.args.remote)
         sent = replicate(self.engine.repo, remotes.backend(remote), limit=self.args.limit or remote.limit,
                          progress=self._transfer_progress("Pushing"))
-        self.out(sent.to_dict(), f"Pushed {sent.objects_done} objects ({human(sent.bytes_done)}) to {remote.name}; "
+        self.out(sent.to_dict(), f"Pushed {sent.objects_done} objects ({size_text(sent.bytes_done)}) to {remote.name}; "
                                  "it holds every checkpoint of this computer.")
 
     def pull(self) -> None:
@@ -411,7 +414,7 @@ class Cli:
         repo = open_remote(home, remotes.backend(remote))
         sent = replicate(repo, local_target(home, repo), limit=self.args.limit or remote.limit,
                          progress=self._transfer_progress("Pulling"))
-        self.out(sent.to_dict(), f"Pulled {sent.objects_done} objects ({human(sent.bytes_done)}) from "
+        self.out(sent.to_dict(), f"Pulled {sent.objects_done} objects ({size_text(sent.bytes_done)}) from "
                                  f"{remote.name}; this computer holds every checkpoint in it.")
 
     def resume(self) -> None:
@@ -442,7 +445,7 @@ class Cli:
                                       transfer=self._transfer_progress("Pulling")))
         self.out({"checkpoint": ckpt.to_dict(), "transfer": sent.to_dict(), "status": asdict(st)},
                  lambda: f"Resumed {ckpt.session} from checkpoint {ckpt.id[:8]} of {local_time(ckpt.created)} "
-                         f"(pulled {human(sent.bytes_done)}).\n" + self._status_text(st))
+                         f"(pulled {size_text(sent.bytes_done)}).\n" + self._status_text(st))
 
     def _transfer_progress(self, verb: str) -> TransferProgress | None:
         """A progress line on a terminal's stderr."""
@@ -451,8 +454,8 @@ class Cli:
 
         def show(t: Transfer) -> None:
             end = "\n" if t.objects_done == t.objects_total else ""
-            print(f"\r{verb}: {t.objects_done}/{t.objects_total} objects, {human(t.bytes_done)} of "
-                  f"{human(t.bytes_total)}", end=end, file=sys.stderr, flush=True)
+            print(f"\r{verb}: {t.objects_done}/{t.objects_total} objects, {size_text(t.bytes_done)} of "
+                  f"{size_text(t.bytes_total)}", end=end, file=sys.stderr, flush=True)
         return show
 
 
@@ -576,6 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = cmd("migrate", "move a running session to a paired computer without stopping it (live migration)")
     c.add_argument("name")
     c.add_argument("peer", help="the paired computer (`session-manager peers list`), whose agent must run")
+    c.add_argument("--postcopy", action="store_true",
+                   help="for a guest that changes memory faster than the link carries it: switch over after two "
+                   "memory passes and send the rest on demand (if the link then breaks, the session goes back to "
+                   "its latest checkpoint)")
+    c.add_argument("--limit", type=rate, metavar="RATE",
+                   help="bandwidth limit for the disk copy and for memory, each, e.g. 20M/s (default: none)")
     c = cmd("send", "copy a session's latest checkpoint to a paired computer, where `start` resumes it later "
                    "(migration by checkpoint)")
     c.add_argument("name")

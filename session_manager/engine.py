@@ -26,6 +26,7 @@ from .sessions import Session, SessionConfig, SessionState, list_sessions
 from .store.repo import CheckpointInfo, Repository
 from .vm import disk as vdisk
 from .vm.machine import Machine, RunState, Sockets, launch, wait_exit
+from .vm.migrate import recover_source
 from .vm.qemu import Accel, boot_id, choose_accelerator, command_line, find_qemu, machine_type
 from .vm.snapshot import Capture, capture, live_supported, load, merge_layers
 from .vm.stream import REGION_SHIFT, Segment, iter_segments, running_on_load
@@ -202,13 +203,15 @@ class Engine:
         crashed (as `recover` does), else boot it."""
         session = self.session(name)
         async with self._locked(session):
+            state = session.load_state()
+            if state.moved_to and self.sockets(session).pid() is not None:
+                await self._kill(self.sockets(session))  # handed over, but its driver died before it quit QEMU
             if self.sockets(session).pid() is not None:
                 async with Machine.connect(self.sockets(session)) as m:
                     if await m.status() not in (RunState.PAUSED, RunState.POSTMIGRATE):
                         raise UsageError(f"Session {name!r} is already running; use `session-manager status {name}`.")
                     await m.run("cont")  # left paused by a checkpoint killed in its pause, or an unconfirmed migration
                 return await self.status(name)
-            state = session.load_state()
             if state.moved_to:
                 raise UsageError(f"Session {name!r} runs on {state.moved_to} now (it was migrated there); migrate it "
                                  "back from there to run it here.")
@@ -670,9 +673,27 @@ class Engine:
                             f"Session {session.name!r} is busy with another operation; try again when it finishes."
                         ) from None
                     await asyncio.sleep(0.1)
+            if self.migration_mark(session).exists():
+                await self._tidy_migration(session)
             yield
         finally:
             os.close(fd)
+
+    @staticmethod
+    def migration_mark(session: Session) -> Path:
+        """Exists while a live migration of the session runs (live_migration.migrate); left behind only when
+        the process driving it died."""
+        return session.runtime / "migrating"
+
+    async def _tidy_migration(self, session: Session) -> None:
+        """After a migration whose driver died: QEMU has restarted the guest it stopped (unless the migration
+        completed: then the destination may run it, and it stays paused here until `start`), and our jobs,
+        nodes and migration settings go, so that checkpoints work again."""
+        if self.sockets(session).pid() is not None:
+            async with Machine.connect(self.sockets(session)) as m:
+                ended = await recover_source(m)
+            log.warning("%s: tidied up after an interrupted migration (it ended %s)", session.name, ended)
+        self.migration_mark(session).unlink(missing_ok=True)
 
     @staticmethod
     def _lock_file(session: Session) -> int:

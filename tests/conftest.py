@@ -6,6 +6,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,6 +144,32 @@ class Serial:
                 return m
             time.sleep(0.2)
         raise AssertionError(f"{pattern!r} did not appear within {timeout} s:\n{self.text(since)[-2000:]}")
+
+
+# --- two computers: network namespaces -----------------------------------------------------------
+
+@pytest.fixture
+def netns() -> Iterator[tuple[str, str]]:
+    """Two network namespaces joined by a veth pair: 10.199.0.1 and 10.199.0.2."""
+    ip = shutil.which("ip")
+    if ip is None:
+        pytest.fail("ip is missing; install the Debian package iproute2 (apt-get install iproute2).")
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root; the loopback case runs the same test")
+    names = (f"sm{os.getpid()}a", f"sm{os.getpid()}b")
+    try:
+        for name in names:
+            subprocess.run([ip, "netns", "add", name], check=True, capture_output=True)
+        subprocess.run([ip, "link", "add", "veth0", "netns", names[0], "type", "veth", "peer", "name", "veth1",
+                        "netns", names[1]], check=True, capture_output=True)
+        for name, dev, addr in ((names[0], "veth0", "10.199.0.1/30"), (names[1], "veth1", "10.199.0.2/30")):
+            subprocess.run([ip, "-n", name, "addr", "add", addr, "dev", dev], check=True, capture_output=True)
+            subprocess.run([ip, "-n", name, "link", "set", dev, "up"], check=True, capture_output=True)
+            subprocess.run([ip, "-n", name, "link", "set", "lo", "up"], check=True, capture_output=True)
+        yield names
+    finally:
+        for name in names:
+            subprocess.run([ip, "netns", "del", name], capture_output=True)
 
 
 @pytest.fixture
@@ -283,3 +310,20 @@ def memory_keyring() -> Iterator[MemoryKeyring]:
     keyring.set_keyring(backend)
     yield backend
     keyring.set_keyring(previous)
+
+
+@pytest.fixture
+def confirmations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Answer every confirmation with its accepting button, recording what it said."""
+    said: list[str] = []
+
+    from PySide6.QtWidgets import QMessageBox
+
+    def exec_(box: QMessageBox) -> int:
+        said.append(f"{box.text()} {box.informativeText()}")
+        accept = next(b for b in box.buttons() if box.buttonRole(b) == QMessageBox.ButtonRole.AcceptRole)
+        accept.click()
+        return 0
+
+    monkeypatch.setattr(QMessageBox, "exec", exec_)
+    return said

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PySide6.QtCore import QMimeData, QPointF, Qt
 from PySide6.QtGui import QDropEvent
-from PySide6.QtWidgets import QMessageBox, QPushButton
+from PySide6.QtWidgets import QPushButton
 
 from session_manager.app import App, _create
 from session_manager.engine import Engine
@@ -33,21 +33,6 @@ async def until(condition: Callable[[], object], timeout: float = 120, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached in {timeout} s")
         await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def confirmations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Answer every confirmation with its accepting button, recording what it said."""
-    said: list[str] = []
-
-    def exec_(box: QMessageBox) -> int:
-        said.append(f"{box.text()} {box.informativeText()}")
-        accept = next(b for b in box.buttons() if box.buttonRole(b) == QMessageBox.ButtonRole.AcceptRole)
-        accept.click()
-        return 0
-
-    monkeypatch.setattr(QMessageBox, "exec", exec_)
-    return said
 
 
 @pytest.mark.qemu
@@ -86,7 +71,7 @@ def test_shortcut_checkpoints_and_dropping_it_rolls_back(sm: Sm, guest: tuple[Pa
         assert "from the command line" in [canvas.nodes[k].info.note for k in canvas.order]
 
         # The tray menu, rebuilt when opened, offers both for rolling back.
-        tray = Tray(service, "Ctrl+Alt+S")
+        tray = Tray(service, app.peers, "Ctrl+Alt+S")
         tray.rebuild()
         rollback = next(a for a in tray.menu.actions() if a.text() == "Roll back to").menu()
         assert len(rollback.actions()) == 2 and rollback.isEnabled()
@@ -137,7 +122,7 @@ def test_tray_menu_of_a_stopped_session(sm: Sm, guest: tuple[Path, Path], aloop,
     sm.new_guest("idle", guest)
     app = App(Engine(Home.locate(sm.home)), "idle", Settings())
     qtbot.addWidget(app.window)
-    tray = Tray(app.service, "Ctrl+Alt+S")
+    tray = Tray(app.service, app.peers, "Ctrl+Alt+S")
     tray.rebuild()
     enabled = {a.text().split("\t")[0]: a.isEnabled() for a in tray.menu.actions() if a.text()}
     assert enabled["Start session"] and not enabled["Checkpoint now"] and not enabled["Suspend session"]

@@ -5,13 +5,14 @@ Two homes on loopback, each its own installation, paired through their `serve` p
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import Serial, Sm
 from test_migrate import keeps_running
-from test_peers import one_sentence, pair_by_ids, serving
+from test_peers import log_text, one_sentence, pair_by_ids, serving
 
 pytestmark = pytest.mark.qemu
 
@@ -63,9 +64,8 @@ def test_migrate_moves_a_running_session_to_a_paired_peer(tmp_path: Path, guest:
 
 
 def test_the_tray_migrates_the_session_and_the_window_says_where_it_went(
-        tmp_path: Path, guest: tuple[Path, Path], aloop, qtbot, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    from PySide6.QtWidgets import QMessageBox
-
+        tmp_path: Path, guest: tuple[Path, Path], aloop, qtbot, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+        confirmations: list[str]) -> None:
     from session_manager.app import App
     from session_manager.engine import Engine
     from session_manager.paths import Home
@@ -73,7 +73,6 @@ def test_the_tray_migrates_the_session_and_the_window_says_where_it_went(
     from session_manager.ui.tray import Tray
 
     monkeypatch.setenv("SESSION_MANAGER_ACCEL", "tcg")
-    monkeypatch.setattr(QMessageBox, "question", lambda *_: QMessageBox.StandardButton.Ok)
     a, b = Sm(tmp_path / "a"), Sm(tmp_path / "b")
     try:
         with serving(a) as port_a, serving(b) as port_b:
@@ -82,21 +81,89 @@ def test_the_tray_migrates_the_session_and_the_window_says_where_it_went(
         a("start", "desk")
         a.serial("desk").wait_counter(2)
         app = App(Engine(Home.locate(a.home)), "desk", Settings(autosave_minutes=0))
-        tray = Tray(app.service, "Ctrl+Alt+S")
-        tray.migrateRequested.connect(app.request_migrate)
-        tray.rebuild()
-        migrate = next(x for x in tray.menu.actions() if x.text() == "Migrate to").menu()
-        assert [x.text() for x in migrate.actions()] == [f"b (127.0.0.1:{port_b})"]
         with serving(b, f"127.0.0.1:{port_b}"):
+            tray = Tray(app.service, app.peers, "Ctrl+Alt+S")
+            tray.migrateRequested.connect(app.request_migrate)
+            migrate = next(x for x in tray.menu.actions() if x.text() == "Migrate to").menu()
+            assert [x.text() for x in migrate.actions()] == ["Checking paired machines…"]
+            aloop.run_until_complete(app.peers._task)  # type: ignore[arg-type]
+            assert [(x.text(), x.isEnabled()) for x in migrate.actions()] == [(f"b (127.0.0.1:{port_b})", True)]
             with qtbot.waitSignal(app.service.migrated, timeout=120_000) as moved:
                 migrate.actions()[0].trigger()
                 aloop.run_until_complete(app.service._op)  # type: ignore[arg-type]
         assert moved.args[0] == "b" and moved.args[1].downtime_ms > 0
+        assert confirmations[0].startswith("Move desk to b? It keeps running")
+        assert not moved.args[1].postcopy  # the post-copy box was left unticked
         assert "now runs on b" in app.window.statusBar().currentMessage()
         app.service._check_process()
         assert "now runs on b" in app.window.stopped_text.text() and not app.window.start_button.isEnabled()
         assert b("status", "desk", "--json").json()["run_state"] == "running"
         aloop.run_until_complete(app.close())
+    finally:
+        a.kill_all()
+        b.kill_all()
+
+
+def test_a_migration_whose_driver_dies_leaves_both_sides_clean(tmp_path: Path, guest: tuple[Path, Path]) -> None:
+    """kill -9 of `migrate` during the memory copy: the destination drops its half-made session by itself (the
+    agent connection ended), the session runs on here, checkpoints work again, and a new migration succeeds."""
+    a, b = Sm(tmp_path / "a"), Sm(tmp_path / "b")
+    try:
+        with serving(a) as port_a, serving(b) as port_b:
+            pair_by_ids(a, port_a, b, port_b)
+        a.new_guest("desk", guest, fill=16, dirty=4)
+        a("start", "desk")
+        here = a.serial("desk")
+        here.wait_counter(3)
+        started = here.last_start()
+        with serving(b, f"127.0.0.1:{port_b}"):
+            driver = a.popen("migrate", "desk", "b", "--limit", "8M")
+            assert driver.stdout is not None
+            while "Copying memory" not in (line := driver.stdout.readline()):
+                assert line, driver.communicate()[1]
+            assert b("list", "--json").json()[0]["name"] == "desk"  # the half-made session waits there
+            driver.kill()
+            driver.communicate()
+            deadline = time.monotonic() + 20
+            while b("list", "--json").json():
+                assert time.monotonic() < deadline, "the destination kept the half-made session"
+                time.sleep(0.2)
+
+            keeps_running(here, started)  # never stopped, never restarted
+            assert here.last_start() == started
+            a("checkpoint", "desk", "-m", "after the interrupted migration")  # QEMU was tidied up for it
+            assert "tidied up after an interrupted migration" in log_text(a)
+
+            run = a("migrate", "desk", "b", "--json")
+        assert run.json()["peer"] == "b"
+        assert a("status", "desk", "--json").json()["moved_to"] == "b"
+    finally:
+        a.kill_all()
+        b.kill_all()
+
+
+def test_postcopy_moves_a_busy_guest_over_a_slow_link(tmp_path: Path, guest: tuple[Path, Path]) -> None:
+    """`migrate --postcopy --limit`: a guest changing 16 MiB/s over an 8 MiB/s link switches over after two
+    passes and runs on at the peer, its counter continuing."""
+    a, b = Sm(tmp_path / "a"), Sm(tmp_path / "b")
+    try:
+        with serving(a) as port_a, serving(b) as port_b:
+            pair_by_ids(a, port_a, b, port_b)
+        a.new_guest("busy", guest, fill=0, dirty=16, window=32)
+        a("start", "busy")
+        here = a.serial("busy")
+        here.wait_counter(3)
+        with serving(b, f"127.0.0.1:{port_b}"):
+            run = a("migrate", "busy", "b", "--postcopy", "--limit", "8M")
+        last_here = here.counters()[-1]
+        assert "Copying memory, pass 2" in run.stdout and "the rest of its memory follows" in run.stdout
+        assert "Copied to b" in run.stdout or "Starting busy on b" in run.stdout
+        there = Serial(b("status", "busy", "--json").json()["serial_log"])
+        since = there.last_start()
+        there.wait_counter(3, since=since)
+        assert last_here < there.counters(since)[0] <= last_here + 2
+        keeps_running(there, since)
+        assert a("status", "busy", "--json").json()["moved_to"] == "b"
     finally:
         a.kill_all()
         b.kill_all()

@@ -82,30 +82,6 @@ def my_id(sm: Sm) -> str:
 
 # -- two computers -----------------------------------------------------------------------------------
 
-@pytest.fixture
-def netns() -> Iterator[tuple[str, str]]:
-    """Two network namespaces joined by a veth pair: 10.199.0.1 and 10.199.0.2."""
-    ip = shutil.which("ip")
-    if ip is None:
-        pytest.fail("ip is missing; install the Debian package iproute2 (apt-get install iproute2).")
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root; the loopback case runs the same test")
-    names = (f"sm{os.getpid()}a", f"sm{os.getpid()}b")
-    try:
-        for name in names:
-            subprocess.run([ip, "netns", "add", name], check=True, capture_output=True)
-        subprocess.run([ip, "link", "add", "veth0", "netns", names[0], "type", "veth", "peer", "name", "veth1",
-                        "netns", names[1]], check=True, capture_output=True)
-        for name, dev, addr in ((names[0], "veth0", "10.199.0.1/30"), (names[1], "veth1", "10.199.0.2/30")):
-            subprocess.run([ip, "-n", name, "addr", "add", addr, "dev", dev], check=True, capture_output=True)
-            subprocess.run([ip, "-n", name, "link", "set", dev, "up"], check=True, capture_output=True)
-            subprocess.run([ip, "-n", name, "link", "set", "lo", "up"], check=True, capture_output=True)
-        yield names
-    finally:
-        for name in names:
-            subprocess.run([ip, "netns", "del", name], capture_output=True)
-
-
 @pytest.fixture(params=["loopback", "netns"])
 def two(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Sm, str, Sm, str, str]:
     """Two installations: (a, a's address, b, b's address, where serve listens)."""
@@ -145,11 +121,11 @@ def test_pairing_is_confirmed_on_both_sides(two: tuple[Sm, str, Sm, str, str]) -
     assert not list((b.home / "run" / "pairing").glob("*"))  # the request is gone once answered
 
 
-def pair_by_ids(a: Sm, port_a: int, b: Sm, port_b: int) -> None:
-    """Pair a and b (both serving on loopback) by entering each other's id on both sides."""
-    first = a.popen("peers", "add", f"127.0.0.1:{port_b}", "--name", "b", "--fingerprint", my_id(b))
+def pair_by_ids(a: Sm, port_a: int, b: Sm, port_b: int, host_a: str = "127.0.0.1", host_b: str = "127.0.0.1") -> None:
+    """Pair a and b (both serving, at host_a and host_b) by entering each other's id on both sides."""
+    first = a.popen("peers", "add", f"{host_b}:{port_b}", "--name", "b", "--fingerprint", my_id(b))
     wait_log(b, "wants to pair")
-    b("peers", "add", f"127.0.0.1:{port_a}", "--name", "a", "--fingerprint", my_id(a))
+    b("peers", "add", f"{host_a}:{port_a}", "--name", "a", "--fingerprint", my_id(a))
     out, err = first.communicate(timeout=30)
     assert first.returncode == 0 and "Paired with b" in out, err
 

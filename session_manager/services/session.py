@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from enum import Enum
 from pathlib import Path
@@ -19,8 +20,11 @@ from PySide6.QtCore import QObject, QTimer, Signal
 
 from ..engine import Engine, Status
 from ..errors import SessionManagerError
-from ..live_migration import migrate
+from ..handover import open_display
+from ..live_migration import describe, migrate
 from ..store.repo import CheckpointInfo
+from ..vm.migrate import MigrationProgress
+from ..vm.rfb import RfbClient
 from .watch import RepositoryWatcher
 
 log = logging.getLogger(__name__)
@@ -131,10 +135,19 @@ class SessionService(QObject):
 
         return self._run(State.STOPPING, run)
 
-    def migrate(self, peer: str) -> asyncio.Task[Any] | None:
-        """Move the running session to a paired peer; on failure it runs on here."""
+    def migrate(self, peer: str, postcopy: bool = False) -> asyncio.Task[Any] | None:
+        """Move the running session to a paired peer; on failure before the switch it runs on here."""
+        shown = 0.0
+
+        def progress(p: MigrationProgress) -> None:  # QEMU's figures come 20 times a second; 5 are plenty
+            nonlocal shown
+            if time.monotonic() - shown >= 0.2 or p.phase in ("switchover", "completed"):
+                shown = time.monotonic()
+                self._progress(describe(p, peer), p.fraction)
+
         async def run() -> None:
-            result = await migrate(self.engine, self.name, peer, lambda line: self._progress(line, -1))
+            result = await migrate(self.engine, self.name, peer, lambda line: self._progress(line, -1), progress,
+                                   postcopy=postcopy)
             self.migrated.emit(peer, result)
 
         return self._run(State.MIGRATING, run)
@@ -145,6 +158,10 @@ class SessionService(QObject):
             return self.engine.session(self.name).load_state().moved_to
         except SessionManagerError:
             return None
+
+    async def open_display_at(self, peer: str) -> RfbClient:
+        """The session's screen at ``peer``, the paired installation it moved to (through its agent)."""
+        return await open_display(self.engine.home, peer, self.name)
 
     def export(self, ckpt_id: str, out_dir: Path) -> asyncio.Task[Any] | None:
         def progress(what: str, fraction: float) -> None:

@@ -1,4 +1,4 @@
-"""Confirmations that say exactly what will happen (virt-manager's rule), and small formatting helpers."""
+"""Confirmations that say exactly what will happen (virt-manager's rule), and how checkpoints read."""
 
 from __future__ import annotations
 
@@ -7,18 +7,6 @@ from datetime import datetime
 from PySide6.QtWidgets import QCheckBox, QMessageBox, QWidget
 
 from ..store.repo import CheckpointInfo
-
-
-def size_text(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" or n >= 10 else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def pause_text(ms: float) -> str:
-    return f"{ms / 1000:.1f} s" if ms >= 1000 else f"{ms:.0f} ms" if ms >= 1 else "<1 ms"
 
 
 def when(info: CheckpointInfo) -> str:
@@ -47,6 +35,21 @@ def confirm_restore(parent: QWidget | None, info: CheckpointInfo, ask: bool) -> 
     box.exec()
     accepted = box.buttonRole(box.clickedButton()) == QMessageBox.ButtonRole.AcceptRole
     return accepted, not (accepted and dont_ask.isChecked())
+
+
+def confirm_migrate(parent: QWidget | None, name: str, peer: str) -> tuple[bool, bool]:
+    """Ask before moving the session to another computer; returns (go ahead, with post-copy)."""
+    box = QMessageBox(QMessageBox.Icon.Question, "Move the session?", f"Move {name} to {peer}?", parent=parent)
+    box.setInformativeText("It keeps running while its disk and memory are copied and pauses for a moment at the "
+                           "switch; if anything fails before the switch, it simply goes on running here.")
+    box.addButton("Move", QMessageBox.ButtonRole.AcceptRole)
+    box.addButton(QMessageBox.StandardButton.Cancel)
+    early = QCheckBox("Switch over early if it changes memory faster than the network carries it (post-copy: if "
+                      "the network fails after the switch, it goes back to its latest checkpoint)")
+    box.setCheckBox(early)
+    box.exec()
+    accepted = box.buttonRole(box.clickedButton()) == QMessageBox.ButtonRole.AcceptRole
+    return accepted, accepted and early.isChecked()
 
 
 def confirm_shut_down(parent: QWidget | None, name: str) -> bool:

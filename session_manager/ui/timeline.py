@@ -61,7 +61,8 @@ from PySide6.QtWidgets import (
 )
 
 from ..store.repo import CheckpointInfo
-from .dialogs import pause_text, size_text, when
+from ..units import pause_text, size_text
+from .dialogs import when
 
 MIME_CHECKPOINT = "application/x-session-manager-checkpoint"
 NOW = ""  # the lane key of the "now" marker (the running session), a virtual child of the head

@@ -6,11 +6,12 @@ from PySide6.QtCore import QObject, Signal
 from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 
-from ..peers import Peer, Peers
 from ..resources import icon_path
+from ..services.peers import PeerReachability
 from ..services.session import SessionService, State
 from ..store.repo import CheckpointInfo
-from .dialogs import pause_text, size_text, when
+from ..units import pause_text, size_text
+from .dialogs import when
 
 ROLLBACK_ITEMS = 10
 BUSY = (State.STARTING, State.CHECKPOINTING, State.RESTORING, State.STOPPING, State.EXPORTING, State.MIGRATING)
@@ -30,6 +31,12 @@ def checkpoint_label(info: CheckpointInfo) -> str:
     return f"{when(info)}{' — ' + info.note if info.note else ''}{extra}"
 
 
+def short_reason(reason: str) -> str:
+    """A few words for the menu from a peer check's sentence (the item's tooltip shows all of it)."""
+    words = {"refuses this installation": "not paired there", "presented certificate": "certificate changed"}
+    return next((short for key, short in words.items() if key in reason), "not reachable")
+
+
 class Tray(QObject):
     """Owns the QSystemTrayIcon; asks the app (through signals) for anything that opens a window."""
 
@@ -41,13 +48,18 @@ class Tray(QObject):
     migrateRequested = Signal(str)  # a paired peer's name
     quitRequested = Signal()
 
-    def __init__(self, service: SessionService, shortcut: str, parent: QObject | None = None) -> None:
+    def __init__(self, service: SessionService, peers: PeerReachability, shortcut: str,
+                 parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.service = service
+        self.peers = peers
         self.shortcut = shortcut
         self.notifications = True
         self.menu = QMenu()
         self.menu.aboutToShow.connect(self.rebuild)
+        self.migrate = QMenu("Migrate to", self.menu)  # kept across rebuilds: filled again when the peers' check ends
+        self.migrate.setToolTipsVisible(True)
+        peers.changed.connect(self._fill_migrate)
         self.icon = QSystemTrayIcon(self)
         self.icon.setContextMenu(self.menu)
         self.icon.activated.connect(self._activated)
@@ -59,9 +71,6 @@ class Tray(QObject):
                                                          "to restore its latest checkpoint."))
         self.rebuild()
         self.refresh()
-
-    def peers(self) -> list[Peer]:
-        return Peers(self.service.engine.home).all()
 
     def show(self) -> None:
         self.icon.show()
@@ -80,6 +89,7 @@ class Tray(QObject):
         menu.addAction(f"Open {s.name}", self.openRequested.emit)
         menu.addAction(f"Checkpoint now\t{self.shortcut}", lambda: s.checkpoint_now()).setEnabled(running and idle)
         rollback = menu.addMenu("Roll back to")
+        rollback.setToolTipsVisible(True)
         for info in s.latest(ROLLBACK_ITEMS):
             action = rollback.addAction(checkpoint_label(info), lambda i=info.id: self.restoreRequested.emit(i))
             action.setToolTip(f"paused {pause_text(info.meta.get('pause_ms', 0))}, {size_text(info.added_bytes)} stored")
@@ -90,15 +100,27 @@ class Tray(QObject):
                        lambda: s.start()).setEnabled(s.state == State.STOPPED)
         menu.addAction("Suspend session", lambda: s.suspend()).setEnabled(running and idle)
         menu.addAction("Shut down session", self.shutDownRequested.emit).setEnabled(running and idle)
-        migrate = menu.addMenu("Migrate to")
-        for peer in self.peers():
-            migrate.addAction(f"{peer.name} ({peer.address})", lambda p=peer.name: self.migrateRequested.emit(p))
-        if migrate.isEmpty():
-            migrate.addAction("No paired machines: session-manager peers add HOST").setEnabled(False)
-        migrate.setEnabled(running and idle)
+        self.peers.refresh()
+        self._fill_migrate()
+        menu.addMenu(self.migrate).setEnabled(running and idle)
         menu.addSeparator()
         menu.addAction("Settings…", self.settingsRequested.emit)
         menu.addAction("Quit (the session keeps running)" if running else "Quit", self.quitRequested.emit)
+
+    def _fill_migrate(self) -> None:
+        """The paired machines that answer, and the others disabled with why not."""
+        self.migrate.clear()
+        results = self.peers.results()
+        if results is None:
+            self.migrate.addAction("Checking paired machines…").setEnabled(False)
+        for peer, reason in results or []:
+            action = self.migrate.addAction(f"{peer.name} ({peer.address})" if reason is None else
+                                            f"{peer.name} — {short_reason(reason)}",
+                                            lambda p=peer.name: self.migrateRequested.emit(p))
+            action.setEnabled(reason is None)
+            action.setToolTip(reason or "")
+        if self.migrate.isEmpty():
+            self.migrate.addAction("No paired machines: session-manager peers add HOST").setEnabled(False)
 
     def _activated(self, reason: QSystemTrayIcon.ActivationReason) -> None:
         if reason == QSystemTrayIcon.ActivationReason.Trigger:

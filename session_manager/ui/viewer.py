@@ -1,9 +1,10 @@
 """The embedded display: a widget that shows the session's screen and sends it keyboard and pointer input.
 
 Like virt-manager's viewer, it knows nothing about QEMU's monitor: it is given the path of the VNC
-socket and speaks RFB to it.  While a target is set it keeps (re)connecting, so the picture comes
-back by itself when the machine restarts or a checkpoint is restored.  Everything runs on the
-asyncio loop that qasync puts on Qt's event loop; nothing blocks the UI thread.
+socket and speaks RFB to it, or a way to open a display at another installation (a session that moved
+there).  While a target is set it keeps (re)connecting, so the picture comes back by itself when the
+machine restarts or a checkpoint is restored.  Everything runs on the asyncio loop that qasync puts on
+Qt's event loop; nothing blocks the UI thread.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import shiboken6
@@ -33,6 +34,7 @@ from PySide6.QtGui import (
 )
 from PySide6.QtWidgets import QApplication, QWidget
 
+from ..errors import SessionManagerError
 from ..vm.rfb import RfbClient, RfbError
 from . import keymap
 
@@ -80,7 +82,7 @@ def _log_failure(task: asyncio.Future[None]) -> None:
 
 
 class VncViewer(QWidget):
-    """Shows a VNC display given by its unix socket path and forwards input to it."""
+    """Shows a VNC display, given by its unix socket path or at another installation, and forwards input to it."""
 
     connected = Signal()
     disconnected = Signal(str)
@@ -90,6 +92,8 @@ class VncViewer(QWidget):
 
     RETRY_INTERVAL = 0.5
     """Seconds between connection attempts while the display cannot be reached."""
+    PEER_RETRY_INTERVAL = 3.0
+    """The same for a display at another installation (each attempt is a call to its agent)."""
     CONNECT_TIMEOUT = 10.0
     """Seconds one attempt (connect + RFB handshake) may take."""
     GIVE_UP_HOPE = 5.0
@@ -122,12 +126,20 @@ class VncViewer(QWidget):
     def connect_to(self, path: str | Path) -> None:
         """Show the VNC display at ``path``; keep reconnecting to it until :meth:`disconnect_`."""
         path = str(path)
-        if path == self._path and self._tasks.task is not None:
+        self._show(path, lambda: RfbClient.open_unix(path), None)
+
+    def follow(self, peer: str, open_display: Callable[[], Awaitable[RfbClient]]) -> None:
+        """Show a display at the installation ``peer``, opened by ``open_display``, and keep reconnecting to it as
+        to a socket; while it cannot be reached the widget says why (the SessionManagerError's sentence)."""
+        self._show(peer, open_display, peer)
+
+    def _show(self, target: str, open_display: Callable[[], Awaitable[RfbClient]], peer: str | None) -> None:
+        if target == self._path and self._tasks.task is not None:
             return
         self.disconnect_()
-        self._path = path
-        self._set_status(CONNECTING)
-        self._tasks.task = asyncio.ensure_future(self._run(path))
+        self._path = target
+        self._set_status(f"Connecting to {peer}…" if peer else CONNECTING)
+        self._tasks.task = asyncio.ensure_future(self._run(target, open_display, peer))
         self._tasks.task.add_done_callback(_log_failure)
 
     def disconnect_(self) -> None:
@@ -152,7 +164,7 @@ class VncViewer(QWidget):
         await asyncio.gather(*closing, return_exceptions=True)
 
     def target(self) -> str | None:
-        """The socket path being shown or waited for."""
+        """The socket path, or the peer, being shown or waited for."""
         return self._path
 
     def is_connected(self) -> bool:
@@ -224,18 +236,22 @@ class VncViewer(QWidget):
         return min(max(x, 0), c.width - 1), min(max(y, 0), c.height - 1)
 
     # -- connection ------------------------------------------------------------------
-    async def _run(self, path: str) -> None:
+    async def _run(self, target: str, open_display: Callable[[], Awaitable[RfbClient]], peer: str | None) -> None:
+        """Show the display ``target`` (a socket path, or ``peer``) until cancelled, reconnecting when it goes."""
         failing_since: float | None = None
         while True:
             try:
-                client = await asyncio.wait_for(RfbClient.open_unix(path), self.CONNECT_TIMEOUT)
-            except (TimeoutError, OSError, RfbError) as e:
+                client = await asyncio.wait_for(open_display(), self.CONNECT_TIMEOUT)
+            except (TimeoutError, OSError, SessionManagerError) as e:
                 now = time.monotonic()
                 failing_since = failing_since or now
-                log.debug("display %s not reachable: %s", path, e)
-                if not Path(path).exists() or now - failing_since > self.GIVE_UP_HOPE:
+                log.debug("display %s not reachable: %s", target, e)
+                if peer is not None:
+                    self._set_status(str(e) if isinstance(e, SessionManagerError) else
+                                     f"{peer} did not show the session's screen ({str(e) or 'no answer'}); trying again.")
+                elif not Path(target).exists() or now - failing_since > self.GIVE_UP_HOPE:
                     self._set_status(NOT_RUNNING)
-                await asyncio.sleep(self.RETRY_INTERVAL)
+                await asyncio.sleep(self.PEER_RETRY_INTERVAL if peer else self.RETRY_INTERVAL)
                 continue
             failing_since = None
             self._attach(client)
@@ -251,7 +267,7 @@ class VncViewer(QWidget):
                     self._detach()
                 with contextlib.suppress(RfbError, OSError):
                     await client.close()
-            log.info("display %s lost: %s", path, reason)
+            log.info("display %s lost: %s", target, reason)
             self._set_status(RECONNECTING)
             self.disconnected.emit(reason)
             await asyncio.sleep(self.RETRY_INTERVAL / 5)

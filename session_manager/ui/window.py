@@ -27,10 +27,10 @@ from PySide6.QtWidgets import (
 
 from ..services.session import SessionService, State
 from ..store.repo import CheckpointInfo
-from .dialogs import confirm_shut_down, pause_text, size_text, when
+from ..units import pause_text, size_text
+from .dialogs import confirm_shut_down, when
 from .timeline import TimelineView, checkpoint_from_mime
 from .viewer import VncViewer
-
 
 FULL_SCREEN = "Shift+F11"  # as remote-viewer: plain F11 belongs to the guest
 
@@ -46,6 +46,7 @@ class SessionWindow(QMainWindow):
     def __init__(self, service: SessionService) -> None:
         super().__init__()
         self.service = service
+        self._following: str | None = None  # the peer whose copy of the session is shown (it moved there)
         self.setWindowTitle(f"{service.name} — Session Manager")
         self.setAcceptDrops(True)
         self.resize(1040, 860)
@@ -109,6 +110,9 @@ class SessionWindow(QMainWindow):
         self.start_button = QPushButton("Start the session", clicked=lambda: self.service.start())
         self.start_button.setStyleSheet("font-size: 13pt; padding: 8px 24px; background: #2d7d46; color: white;")
         layout.addWidget(self.start_button, 0, Qt.AlignmentFlag.AlignCenter)
+        self.follow_button = QPushButton(clicked=self.follow)
+        self.follow_button.setStyleSheet("font-size: 13pt; padding: 8px 24px; background: #2d5f7d; color: white;")
+        layout.addWidget(self.follow_button, 0, Qt.AlignmentFlag.AlignCenter)
         layout.addStretch()
         return page
 
@@ -132,29 +136,48 @@ class SessionWindow(QMainWindow):
         self._flash_animation.start()
 
     # -- reacting to the service ---------------------------------------------------------------
+    def follow(self) -> None:
+        """Show the session's screen from the peer it moved to; keyboard and mouse go there too."""
+        peer = self.service.moved_to
+        if peer is not None:
+            self._following = peer
+            self.viewer.follow(peer, lambda: self.service.open_display_at(peer))
+            self._state_changed(self.service.state.value)
+
     def _state_changed(self, value: str) -> None:
         state = State(value)
         running = state not in (State.STOPPED, State.STARTING)
+        moved_to = self.service.moved_to
+        if self._following and (running or moved_to != self._following):
+            self._following = None  # it runs here again, or has moved on
         if running:
             self.viewer.connect_to(str(self.service.vnc_socket))
+            self.pages.setCurrentWidget(self.viewer)
+        elif self._following:
             self.pages.setCurrentWidget(self.viewer)
         else:
             self.viewer.disconnect_()
             self.pages.setCurrentWidget(self.stopped_page)
             self.stopped_text.setText(self._stopped_text(state))
         self.start_button.setText("Restore the latest checkpoint" if self.service.crash else "Start the session")
-        self.start_button.setEnabled(state == State.STOPPED and not self.service.moved_to)
+        self.start_button.setEnabled(state == State.STOPPED and not moved_to)
+        self.follow_button.setText(f"Follow to {moved_to}")
+        self.follow_button.setVisible(state == State.STOPPED and moved_to is not None)
         for action in (self.checkpoint_action, self.suspend_action, self.shut_down_action):
             action.setEnabled(state == State.RUNNING)
-        self.state_label.setText(f"{self.service.name}: {value}")
+        where = f" on {self._following}" if self._following else ""
+        self.setWindowTitle(f"{self.service.name}{where} — Session Manager")
+        self.state_label.setText(f"{self.service.name}: shown from {self._following}" if self._following else
+                                 f"{self.service.name}: {value}")
 
     def _stopped_text(self, state: State) -> str:
         s = self.service
         if state == State.STARTING:
             return "Starting the session…"
         if s.moved_to:
-            return (f"{s.name} now runs on {s.moved_to}.\nIts checkpoints up to the move stay on this computer; "
-                    "to bring it back, migrate it from there.")
+            return (f"{s.name} now runs on {s.moved_to}.\nFollow it there to use it from this window, or close the "
+                    "window. Its checkpoints up to the move stay on this computer; to bring it back, migrate it from "
+                    "there.")
         if s.crash:
             latest = s.latest(1)
             since = f" of {when(latest[0])}" if latest else ""
@@ -205,6 +228,9 @@ class SessionWindow(QMainWindow):
             self.restoreRequested.emit(ckpt)
 
     def closeEvent(self, event: QCloseEvent) -> None:
+        if self._following:  # no screen is watched from a closed window
+            self._following = None
+            self._state_changed(self.service.state.value)
         self.closed.emit()
         super().closeEvent(event)
 

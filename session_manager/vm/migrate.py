@@ -188,12 +188,15 @@ async def prepare_incoming(
              migrate_port)
 
 
-async def finish_incoming(machine: Machine, *, run: bool = True, timeout: float = 60.0) -> None:
+async def finish_incoming(machine: Machine, *, run: bool = True, timeout: float = 60.0,
+                          running: Callable[[], None] = lambda: None) -> None:
     """Once the source said so (``Migration.run`` returned, or post-copy began): wait until QEMU has the state,
-    stop the NBD server, continue the guest (unless ``run`` is False: it was paused at the source).
+    stop the NBD server, continue the guest (unless ``run`` is False: it was paused at the source), then call
+    ``running``: from then on the session lives here, whatever happens next.
 
     In post-copy this returns once the rest of memory has arrived.  Raises MigrationError if the state does
-    not arrive; the caller then kills this QEMU and calls ``resume_source`` on the source.
+    not arrive (``running`` was not called; the caller then kills this QEMU and calls ``resume_source`` on the
+    source), or if the link broke during post-copy (``running`` was called).
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -213,6 +216,7 @@ async def finish_incoming(machine: Machine, *, run: bool = True, timeout: float 
         await machine.run("nbd-server-stop")
     if run:
         await machine.run("cont")
+    running()
     while (status := (await machine.run("query-migrate")).get("status")) in POSTCOPY:
         if status == "postcopy-paused":
             raise MigrationError("The link to the source broke during post-copy; keep both computers running "

@@ -70,7 +70,7 @@ _CTRL_ALT_DEL = ((0xFFE3, 0x1D), (0xFFE9, 0x38), (0xFFFF, 0xD3))
 
 
 class RfbClient:
-    """One connection to a VNC server.  Make it with ``open_unix``, ``open_tcp`` or ``open_socket``."""
+    """One connection to a VNC server.  Make it with ``open_unix``, ``open_tcp``, ``open_socket`` or ``open_over``."""
 
     name: str
     width: int
@@ -133,6 +133,17 @@ class RfbClient:
             await asyncio.get_running_loop().create_connection(lambda: conn, sock=sock)
         except (OSError, ValueError) as e:
             raise RfbError(f"Could not use the display socket: {e}.") from e
+        return await cls._start(conn, password, shared, encodings)
+
+    @classmethod
+    async def open_over(cls, attach: Callable[[asyncio.BaseProtocol], None], *, password: str | None = None,
+                        shared: bool = True, encodings: Sequence[int] = NETWORK_ENCODINGS) -> RfbClient:
+        """Speak RFB over a connection opened elsewhere: ``attach(protocol)`` makes ``protocol`` its protocol
+        (with ``connection_made``), e.g. ``agent.Connection.hand_over`` for a display at a peer, through its agent.
+        ``attach`` is kept as long as the connection: a StreamWriter it holds closes the transport when collected."""
+        conn = _Connection()
+        attach(conn)
+        conn.source = attach
         return await cls._start(conn, password, shared, encodings)
 
     @classmethod
@@ -421,6 +432,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self.closed: asyncio.Future[None] = self._loop.create_future()
+        self.source: object = None  # what opened the connection, when it must outlive it
 
     # asyncio's side
 
