@@ -15,10 +15,10 @@ apt_packages=(qemu-system-x86 qemu-utils python3-venv
               libegl1 libgl1 libx11-6 libdbus-1-3 libfontconfig1 libfreetype6 libglib2.0-0 libxkbcommon0
               libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-render-util0 libxcb-render0
               libxcb-shape0 libxcb-util1 libxcb-xkb1 libxkbcommon-x11-0)
-# The tests also run an X server with a tray, a second VNC server, a key presser and the validators
-# of the .desktop and AppStream files.
+# The tests also run an X server with a tray, a second VNC server, a key presser, the validators
+# of the .desktop and AppStream files, and two "hosts" (network namespaces, a veth, tc).
 [ "$mode" = test ] && apt_packages+=(xvfb xauth trayer xdotool tigervnc-standalone-server tigervnc-tools appstream gnome-keyring dbus-daemon
-                                     desktop-file-utils)
+                                     desktop-file-utils iproute2)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
