@@ -212,9 +212,7 @@ class Engine:
                         raise UsageError(f"Session {name!r} is already running; use `session-manager status {name}`.")
                     await m.run("cont")  # left paused by a checkpoint killed in its pause, or an unconfirmed migration
                 return await self.status(name)
-            if state.moved_to:
-                raise UsageError(f"Session {name!r} runs on {state.moved_to} now (it was migrated there); migrate it "
-                                 "back from there to run it here.")
+            self._refuse_moved(session)
             latest = state.saved or (state.head if state.running_boot else None)
             if latest:
                 await self._restore_locked(session, self.repo.get(latest), take_before=False)
@@ -509,6 +507,7 @@ class Engine:
         """Roll a session back to a checkpoint; returns the checkpoint taken of the state it replaced."""
         session = self.session(name)
         async with self._locked(session):
+            self._refuse_moved(session)
             return await self._restore_locked(session, self.find_checkpoint(session, ref), not discard_current,
                                               progress)
 
@@ -678,6 +677,13 @@ class Engine:
             yield
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _refuse_moved(session: Session) -> None:
+        moved_to = session.load_state().moved_to
+        if moved_to:
+            raise UsageError(f"Session {session.name!r} runs on {moved_to} now (it was migrated there); migrate it "
+                             "back from there to run it here.")
 
     @staticmethod
     def migration_mark(session: Session) -> Path:

@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Serial, Sm
 from PySide6.QtCore import Qt
-from test_peers import log_text, pair_by_ids, serving
-from test_rfb import Events, assert_matches_screendump, type_text, until, wait_serial
 
+from conftest import Serial, Sm
 from session_manager.agent import _open
 from session_manager.app import App
 from session_manager.engine import Engine
@@ -30,6 +28,8 @@ from session_manager.identity import load_identity
 from session_manager.paths import Home
 from session_manager.settings import Settings
 from session_manager.vm.machine import Machine, Sockets
+from test_peers import log_text, pair_by_ids, serving
+from test_rfb import Events, assert_matches_screendump, type_text, until, wait_serial
 
 pytestmark = pytest.mark.qemu
 
@@ -149,3 +149,13 @@ def test_the_window_follows_the_session_to_the_peer(moved: Moved, aloop, qtbot, 
         aloop.run_until_complete(viewer.wait_closed())
         wait_more(moved.b, GONE, seen)
         aloop.run_until_complete(app.close())
+
+    # At b, the app shows the session as its own: running, on its local display.
+    there = App(Engine(Home.locate(moved.b.home)), "desk", Settings(autosave_minutes=0))
+    qtbot.addWidget(there.window)
+    there.window.show()
+    assert there.service.state.value == "running" and there.window.pages.currentWidget() is there.window.viewer
+    aloop.run_until_complete(until(there.window.viewer.is_connected, "b's own viewer", 60))
+    assert there.window.viewer.target() == str(there.service.vnc_socket)
+    assert there.window.state_label.text() == "desk: running" and not there.window.follow_button.isVisible()
+    aloop.run_until_complete(there.close())

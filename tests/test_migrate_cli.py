@@ -58,6 +58,7 @@ def test_migrate_moves_a_running_session_to_a_paired_peer(tmp_path: Path, guest:
         assert not list(a.home.glob("run/desk/qemu.pid"))
         assert here.counters()[-1] == last_here  # nothing runs here any more
         one_sentence(a("start", "desk", check=False), "runs on b")
+        one_sentence(a("restore", "desk", taken, check=False), "runs on b")  # it would run twice
     finally:
         a.kill_all()
         b.kill_all()
