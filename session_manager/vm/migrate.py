@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QemuError
+from ..store.replicate import RateLimiter
 from .machine import DISK_DEVICE, Machine, RunState
 
 log = logging.getLogger(__name__)
@@ -274,7 +275,7 @@ class Migration:
     postcopy: bool = False
     postcopy_after_passes: int = 2  # switch to post-copy when pre-copy has not finished after this many passes
     max_bandwidth: int = UNLIMITED_BANDWIDTH  # bytes/s for memory
-    mirror_speed: int = 0  # bytes/s for the disk copy; 0 = unlimited
+    mirror_speed: int = 0  # bytes/s on the wire for the disk copy; 0 = unlimited
     downtime_limit_ms: int = 50  # QEMU's default is 300
     stall_timeout: float = 30.0  # nothing moved (or QEMU did not answer) for this long: the link is cut
     progress: ProgressCallback = _no_progress
@@ -311,7 +312,11 @@ class Migration:
         saved_caps = {c["capability"]: c["state"] for c in await self._q("query-migrate-capabilities")}
         saved_params = await self._q("query-migrate-parameters")
         runtime = self.machine.sockets.runtime
-        nbd = _Relay(runtime / f"mig-nbd-{self._node}.sock", self.dest_host, self.nbd_port, self.stall_timeout)
+        # The disk copy is limited on the wire, by its relay: the mirror's own "speed" counts the empty parts of a
+        # sparse disk as if they were data (over NBD they cost a few bytes each), so a limit there would copy an
+        # empty 100 GiB disk as slowly as a full one.
+        nbd = _Relay(runtime / f"mig-nbd-{self._node}.sock", self.dest_host, self.nbd_port, self.stall_timeout,
+                     RateLimiter(self.mirror_speed) if self.mirror_speed else None)
         mig = _Relay(runtime / f"mig-ram-{self._node}.sock", self.dest_host, self.migrate_port, self.stall_timeout)
         self._relays = [nbd, mig]
         hostname = self.tls_hostname or self.dest_host
@@ -326,7 +331,7 @@ class Migration:
             })
             await self._q("blockdev-mirror", {
                 "job-id": self._job, "device": await top_node(self.machine), "target": self._node,
-                "sync": "full", "speed": self.mirror_speed, "auto-dismiss": False,
+                "sync": "full", "auto-dismiss": False,
             })
             await self._wait_mirror_ready()
             mirror_ready_at = time.monotonic()
@@ -589,10 +594,12 @@ class _Relay:
     """QEMU -> a unix socket of ours -> TCP to the destination, and back.  ``close`` cuts it at once, whatever
     TCP would do with a silent peer; QEMU's pending writes and reads fail."""
 
-    def __init__(self, path: Path, host: str, port: int, connect_timeout: float) -> None:
+    def __init__(self, path: Path, host: str, port: int, connect_timeout: float,
+                 limiter: RateLimiter | None = None) -> None:
         self.path = path
         self.host, self.port = host, port
         self.connect_timeout = connect_timeout
+        self.limiter = limiter  # of what goes to the destination
         self.sent = 0
         self.received = 0
         self._server: asyncio.AbstractServer | None = None
@@ -625,6 +632,8 @@ class _Relay:
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: bool) -> None:
         try:
             while data := await reader.read(1 << 20):
+                if up and self.limiter is not None:
+                    await asyncio.sleep(self.limiter.take(len(data)))
                 writer.write(data)
                 if up:
                     self.sent += len(data)
