@@ -27,7 +27,16 @@ from .store.repo import CheckpointInfo, Repository
 from .vm import disk as vdisk
 from .vm.machine import Machine, RunState, Sockets, launch, wait_exit
 from .vm.migrate import recover_source
-from .vm.qemu import Accel, boot_id, choose_accelerator, command_line, find_qemu, machine_type
+from .vm.qemu import (
+    GUEST_SHUTDOWN,
+    SHUTDOWN_TRACE,
+    Accel,
+    boot_id,
+    choose_accelerator,
+    command_line,
+    find_qemu,
+    machine_type,
+)
 from .vm.snapshot import Capture, capture, live_supported, load, merge_layers
 from .vm.stream import REGION_SHIFT, Segment, iter_segments, running_on_load
 
@@ -204,6 +213,8 @@ class Engine:
         session = self.session(name)
         async with self._locked(session):
             state = session.load_state()
+            if state.running_boot and self.sockets(session).pid() is None:
+                self._switched_off(session, state)
             if state.moved_to and self.sockets(session).pid() is not None:
                 await self._kill(self.sockets(session))  # handed over, but its driver died before it quit QEMU
             if self.sockets(session).pid() is not None:
@@ -305,11 +316,25 @@ class Engine:
         fd = self._lock_file(session)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return session.load_state().running_boot is not None and self.sockets(session).pid() is None
+            state = session.load_state()
+            if state.running_boot is None or self.sockets(session).pid() is not None:
+                return False
+            return not self._switched_off(session, state)
         except BlockingIOError:
             return False
         finally:
             os.close(fd)
+
+    def _switched_off(self, session: Session, state: SessionState) -> bool:
+        """Whether a session whose QEMU is gone had its guest switch itself off (shut down from inside); then it
+        is recorded as stopped, not crashed, and the next start boots it.  Call it holding the session's lock."""
+        if state.running_boot != boot_id() or not any(
+                line == f"{SHUTDOWN_TRACE}{GUEST_SHUTDOWN}" for line in _since_launch(session.qemu_log)):
+            return False
+        state.running_boot = None
+        session.save_state(state)
+        log.info("%s: the guest switched itself off", session.name)
+        return True
 
     def crash_reason(self, name: str) -> str:
         """Why a crashed session's QEMU is gone, as far as can be told, e.g. "QEMU was killed: ..."."""
@@ -713,9 +738,10 @@ def _layer_of(state: SessionState, ckpt_id: str | None) -> tuple[str, str] | Non
 
 
 def _standalone(argv: list[str], stream: Path) -> list[str]:
-    """Turn our command line into one for a user's stock QEMU: no pidfile or monitor, a window instead of VNC."""
+    """Turn our command line into one for a user's stock QEMU: no pidfile, monitor or trace, a window instead of
+    VNC."""
     out: list[str] = []
-    skip = {"-pidfile", "-mon", "-display", "-vnc"}
+    skip = {"-pidfile", "-mon", "-display", "-vnc", "-trace"}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -727,10 +753,17 @@ def _standalone(argv: list[str], stream: Path) -> list[str]:
     return out + ["-incoming", f"exec:cat {shlex.quote(str(stream))}"]
 
 
-def _last_words(qemu_log: Path) -> str | None:
-    """The last line QEMU wrote to its log since it was last launched (each launch writes a '--- ' line)."""
+def _since_launch(qemu_log: Path) -> list[str]:
+    """The lines QEMU wrote to its log since it was last launched (each launch writes a '--- ' line first)."""
     lines = [ln.strip() for ln in (_read(qemu_log) or "").splitlines() if ln.strip()]
-    return lines[-1] if lines and not lines[-1].startswith("--- ") else None
+    starts = [i for i, line in enumerate(lines) if line.startswith("--- ")]
+    return lines[starts[-1] + 1:] if starts else lines
+
+
+def _last_words(qemu_log: Path) -> str | None:
+    """The last line QEMU wrote to its log since it was last launched, but for its note of why it shut down."""
+    lines = [line for line in _since_launch(qemu_log) if not line.startswith(SHUTDOWN_TRACE)]
+    return lines[-1] if lines else None
 
 
 def _read(path: Path) -> str | None:

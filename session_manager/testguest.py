@@ -36,6 +36,7 @@ Serial console protocol (/dev/ttyS0, one whole line per write):
     no USB tablet              an xHCI controller is there, but no tablet showed up within 30 s
     mode WxH                   `M` typed: the display now shows a W x H framebuffer
     paint on / paint off       `P` typed (after `M`): the full-frame painter started / stopped
+    power off                  `O` typed: the guest switches itself off (ACPI), as a user's shutdown would
 
 With a virtio disk (/dev/vda) sector N holds "seq N\\n" zero-padded to 512
 bytes; a reboot with an old disk continues after the last record. The VGA
@@ -190,7 +191,7 @@ paint_stop() {
     echo $VGA > /sys/bus/pci/drivers_probe  # bochs-drm takes the display back; the console redraws
 }
 
-# Key echo: one byte at a time from the VGA console's keyboard; M and P act.
+# Key echo: one byte at a time from the VGA console's keyboard; M, P and O act.
 (
     stty -F /dev/tty0 -icanon -echo -icrnl -isig
     MODE= PAINTER=
@@ -215,6 +216,10 @@ paint_stop() {
         elif [ "$c" = P ] && [ -n "$PAINTER" ]; then
             paint_stop
             echo "paint off"
+        elif [ "$c" = O ]; then
+            echo "power off"
+            sync
+            poweroff -f
         fi
     done </dev/tty0
 ) &

@@ -25,6 +25,7 @@ from session_manager.errors import QemuError, UsageError
 from session_manager.paths import Home
 from session_manager.settings import Settings
 from session_manager.store.repo import Repository
+from test_testguest import Qmp
 
 # -- the policy ------------------------------------------------------------------------------------------------
 
@@ -342,6 +343,36 @@ def test_daemon_reports_a_killed_qemu_and_recover_brings_back_the_latest_checkpo
         assert len(re.findall("Session crash stopped unexpectedly", log_text(sm))) == 1
         run = sm("recover", "crash", check=False)
         assert run.returncode != 0 and "was stopped, not crashed" in run.stderr
+    finally:
+        stop_daemon(daemon)
+
+
+@pytest.mark.qemu
+def test_a_guest_that_switches_itself_off_is_stopped_not_crashed(sm: Sm, guest: tuple[Path, Path]) -> None:
+    """Shutting the guest down from inside ends the session as a stop would: the daemon neither reports nor
+    recovers it, and the next start boots it afresh."""
+    serial = started(sm, "off", guest)
+    sm("checkpoint", "off")
+    daemon = sm.popen_until("Daemon watching", "daemon", "--interval", "1h")
+    try:
+        Qmp(sm, "off").type_upper("o")
+        serial.wait_for(r"^power off")
+        deadline = time.monotonic() + 30
+        while sm("status", "off", "--json").json()["pid"] is not None:
+            assert time.monotonic() < deadline, "QEMU did not exit when its guest switched itself off"
+            time.sleep(0.1)
+        wait_log(sm, "off: the guest switched itself off", timeout=10)
+        time.sleep(1)  # the daemon looks every 0.5 s: it had two chances to take it for a crash
+        status = sm("status", "off", "--json").json()
+        assert not status["crashed"] and status["run_state"] is None
+        assert [r["state"] for r in sm("list", "--json").json()] == ["stopped"]
+        assert "stopped unexpectedly" not in log_text(sm) and "Recovered" not in log_text(sm)
+        run = sm("recover", "off", check=False)
+        assert run.returncode != 0 and "was stopped, not crashed" in run.stderr
+
+        sm("start", "off")
+        assert " boot at " in serial.text(serial.last_start()).splitlines()[0]  # booted, not restored
+        serial.wait_for(r"^ready", since=serial.last_start())
     finally:
         stop_daemon(daemon)
 

@@ -146,6 +146,12 @@ def boot_id() -> str:
         return "unknown"
 
 
+# QEMU logs why it shuts down (a trace event, on stderr: the session's qemu.log), so that a guest switching itself
+# off is told apart from a crash; the reason numbers are QEMU's ShutdownCause (qapi/run-state.json).
+SHUTDOWN_TRACE = "qemu_system_shutdown_request reason="
+GUEST_SHUTDOWN = 6
+
+
 def command_line(
     qemu: Qemu,
     config: SessionConfig,
@@ -179,6 +185,7 @@ def command_line(
         "-chardev", f"socket,id=qmp,path={sockets.qmp},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
         "-pidfile", str(sockets.pidfile),
+        "-trace", f"enable={SHUTDOWN_TRACE.split()[0]}",
         "-chardev", f"file,id=serial0,path={serial_log},append=on",
         "-serial", "chardev:serial0",
         "-blockdev", json.dumps(disk),
