@@ -30,7 +30,9 @@ from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..errors import NotFoundError, RepositoryError, SessionManagerError
+import blake3
+
+from ..errors import CorruptionError, NotFoundError, RepositoryError, SessionManagerError
 from .backend import Backend
 from .repo import Repository
 
@@ -119,6 +121,11 @@ class _Copy:
         if self.halted():
             return
         data = self.src.load(name)
+        if name.startswith("data/") and blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest() != \
+                name.rpartition("/")[2]:  # a pack is named by its hash: a damaged one goes no further
+            raise CorruptionError(f"The pack {name.rpartition('/')[2][:12]} at {self.src} is damaged or was "
+                                  "tampered with (its hash does not match), so it was not copied; run `session-manager "
+                                  "check` where it came from.")
         if self.limiter is not None:
             deadline = time.monotonic() + self.limiter.take(len(data))
             while not self.halted() and time.monotonic() < deadline:
