@@ -28,7 +28,7 @@ from session_manager.identity import load_identity
 from session_manager.paths import Home
 from session_manager.settings import Settings
 from session_manager.vm.machine import Machine, Sockets
-from test_peers import log_text, pair_by_ids, serving
+from test_peers import log_text, paired_homes, serving
 from test_rfb import Events, assert_matches_screendump, type_text, until, wait_serial
 
 pytestmark = pytest.mark.qemu
@@ -54,11 +54,7 @@ class Moved:
 
 @pytest.fixture(scope="module")
 def moved(tmp_path_factory: pytest.TempPathFactory, guest: tuple[Path, Path]) -> Iterator[Moved]:
-    tmp = tmp_path_factory.mktemp("handover")
-    a, b = Sm(tmp / "a"), Sm(tmp / "b")
-    try:
-        with serving(a) as port_a, serving(b) as port_b:
-            pair_by_ids(a, port_a, b, port_b)
+    with paired_homes(tmp_path_factory.mktemp("handover")) as (a, b, port_b):
         a.new_guest("desk", guest)
         a("start", "desk")
         a.serial("desk").wait_counter(2)
@@ -69,9 +65,6 @@ def moved(tmp_path_factory: pytest.TempPathFactory, guest: tuple[Path, Path]) ->
         there = Serial(b("status", "desk", "--json").json()["serial_log"])
         there.wait_counter(2, since=there.last_start())
         yield Moved(a, b, port_b, there)
-    finally:
-        a.kill_all()
-        b.kill_all()
 
 
 def test_the_peer_shows_the_session_to_paired_installations_only(moved: Moved, tmp_path: Path) -> None:

@@ -10,18 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Serial, Sm
+from conftest import Serial
 from test_migrate import keeps_running
-from test_peers import log_text, one_sentence, pair_by_ids, serving
+from test_peers import log_text, one_sentence, paired_homes, serving
 
 pytestmark = pytest.mark.qemu
 
 
 def test_migrate_moves_a_running_session_to_a_paired_peer(tmp_path: Path, guest: tuple[Path, Path]) -> None:
-    a, b = Sm(tmp_path / "a"), Sm(tmp_path / "b")
-    try:
-        with serving(a) as port_a, serving(b) as port_b:
-            pair_by_ids(a, port_a, b, port_b)
+    with paired_homes(tmp_path) as (a, b, port_b):
         a.new_guest("desk", guest, fill=16)
         a("start", "desk")
         here = a.serial("desk")
@@ -59,9 +56,6 @@ def test_migrate_moves_a_running_session_to_a_paired_peer(tmp_path: Path, guest:
         assert here.counters()[-1] == last_here  # nothing runs here any more
         one_sentence(a("start", "desk", check=False), "runs on b")
         one_sentence(a("restore", "desk", taken, check=False), "runs on b")  # it would run twice
-    finally:
-        a.kill_all()
-        b.kill_all()
 
 
 def test_the_tray_migrates_the_session_and_the_window_says_where_it_went(
@@ -74,10 +68,7 @@ def test_the_tray_migrates_the_session_and_the_window_says_where_it_went(
     from session_manager.ui.tray import Tray
 
     monkeypatch.setenv("SESSION_MANAGER_ACCEL", "tcg")
-    a, b = Sm(tmp_path / "a"), Sm(tmp_path / "b")
-    try:
-        with serving(a) as port_a, serving(b) as port_b:
-            pair_by_ids(a, port_a, b, port_b)
+    with paired_homes(tmp_path) as (a, b, port_b):
         a.new_guest("desk", guest)
         a("start", "desk")
         a.serial("desk").wait_counter(2)
@@ -100,18 +91,12 @@ def test_the_tray_migrates_the_session_and_the_window_says_where_it_went(
         assert "now runs on b" in app.window.stopped_text.text() and not app.window.start_button.isEnabled()
         assert b("status", "desk", "--json").json()["run_state"] == "running"
         aloop.run_until_complete(app.close())
-    finally:
-        a.kill_all()
-        b.kill_all()
 
 
 def test_a_migration_whose_driver_dies_leaves_both_sides_clean(tmp_path: Path, guest: tuple[Path, Path]) -> None:
     """kill -9 of `migrate` during the memory copy: the destination drops its half-made session by itself (the
     agent connection ended), the session runs on here, checkpoints work again, and a new migration succeeds."""
-    a, b = Sm(tmp_path / "a"), Sm(tmp_path / "b")
-    try:
-        with serving(a) as port_a, serving(b) as port_b:
-            pair_by_ids(a, port_a, b, port_b)
+    with paired_homes(tmp_path) as (a, b, port_b):
         a.new_guest("desk", guest, fill=16, dirty=4)
         a("start", "desk")
         here = a.serial("desk")
@@ -138,18 +123,12 @@ def test_a_migration_whose_driver_dies_leaves_both_sides_clean(tmp_path: Path, g
             run = a("migrate", "desk", "b", "--json")
         assert run.json()["peer"] == "b"
         assert a("status", "desk", "--json").json()["moved_to"] == "b"
-    finally:
-        a.kill_all()
-        b.kill_all()
 
 
 def test_postcopy_moves_a_busy_guest_over_a_slow_link(tmp_path: Path, guest: tuple[Path, Path]) -> None:
     """`migrate --postcopy --limit`: a guest changing 16 MiB/s over an 8 MiB/s link switches over after two
     passes and runs on at the peer, its counter continuing."""
-    a, b = Sm(tmp_path / "a"), Sm(tmp_path / "b")
-    try:
-        with serving(a) as port_a, serving(b) as port_b:
-            pair_by_ids(a, port_a, b, port_b)
+    with paired_homes(tmp_path) as (a, b, port_b):
         a.new_guest("busy", guest, fill=0, dirty=16, window=32)
         a("start", "busy")
         here = a.serial("busy")
@@ -165,6 +144,3 @@ def test_postcopy_moves_a_busy_guest_over_a_slow_link(tmp_path: Path, guest: tup
         assert last_here < there.counters(since)[0] <= last_here + 2
         keeps_running(there, since)
         assert a("status", "busy", "--json").json()["moved_to"] == "b"
-    finally:
-        a.kill_all()
-        b.kill_all()

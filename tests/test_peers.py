@@ -130,6 +130,20 @@ def pair_by_ids(a: Sm, port_a: int, b: Sm, port_b: int, host_a: str = "127.0.0.1
     assert first.returncode == 0 and "Paired with b" in out, err
 
 
+@contextmanager
+def paired_homes(tmp: Path) -> Iterator[tuple[Sm, Sm, int]]:
+    """Installations a and b on loopback, paired through their agents (stopped again: a test serves b's where it
+    needs it, on the same port); yields (a, b, b's port), and kills their QEMUs at the end."""
+    a, b = Sm(tmp / "a"), Sm(tmp / "b")
+    try:
+        with serving(a) as port_a, serving(b) as port_b:
+            pair_by_ids(a, port_a, b, port_b)
+        yield a, b, port_b
+    finally:
+        a.kill_all()
+        b.kill_all()
+
+
 def test_entering_both_ids_pairs_without_accepting(tmp_path: Path) -> None:
     a, b = Sm(tmp_path / "a"), Sm(tmp_path / "b")
     with serving(a) as port_a, serving(b) as port_b:

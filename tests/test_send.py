@@ -9,19 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Serial, Sm
+from conftest import Serial
 from session_manager.store.backend import LocalBackend
-from test_peers import one_sentence, pair_by_ids, serving
+from test_peers import one_sentence, paired_homes, serving
 
 pytestmark = pytest.mark.qemu
 
 
 def test_send_copies_the_latest_checkpoint_and_start_resumes_it_there(tmp_path: Path,
                                                                       guest: tuple[Path, Path]) -> None:
-    a, b = Sm(tmp_path / "a"), Sm(tmp_path / "b")
-    try:
-        with serving(a) as port_a, serving(b) as port_b:
-            pair_by_ids(a, port_a, b, port_b)
+    with paired_homes(tmp_path) as (a, b, port_b):
         a.new_guest("desk", guest, fill=16)
         a("start", "desk")
         serial = a.serial("desk")
@@ -65,6 +62,3 @@ def test_send_copies_the_latest_checkpoint_and_start_resumes_it_there(tmp_path: 
         assert "disk-mismatch" not in there.text()
         b("checkpoint", "desk")  # it goes on there
         assert b("check", "--read-data").returncode == 0
-    finally:
-        a.kill_all()
-        b.kill_all()

@@ -6,16 +6,16 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
-from conftest import Sm
 from PySide6.QtCore import QPoint
-from test_peers import pair_by_ids, serving
 
+from conftest import Sm
 from session_manager.engine import Engine
 from session_manager.paths import Home
 from session_manager.peers import Peers
 from session_manager.services.peers import PeerReachability
 from session_manager.services.session import SessionService
 from session_manager.ui.tray import Tray
+from test_peers import pair_by_ids, serving
 
 
 def items(tray: Tray) -> list[tuple[str, bool]]:
