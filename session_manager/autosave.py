@@ -31,13 +31,14 @@ from typing import Any
 from .engine import Engine
 from .errors import SessionManagerError
 from .settings import Settings
-from .store.repo import CheckpointInfo
+from .store.repo import CheckpointInfo, Repository
 
 log = logging.getLogger(__name__)
 
 KIND = "autosave"
 TICK = 1.0  # seconds between looks at the sessions
 PRUNE_EVERY = 3600.0  # seconds
+REMOTE_PRUNE_EVERY = 86400.0  # seconds: pruning a remote may download and upload packs to repack them
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class Autosaver:
         self.saving: str | None = None  # the session being autosaved right now
         self._tried: dict[str, float] = {}  # session -> when its latest autosave began
         self._pruned = -PRUNE_EVERY  # when prune last ran
+        self._remote_pruned: dict[str, float] = {}  # remote -> when prune last ran there
 
     def due_in(self, name: str) -> float | None:
         """Seconds until the session's next autosave (0 or less: now); None while autosave is off or it is not
@@ -143,6 +145,24 @@ class Autosaver:
         except (SessionManagerError, OSError) as e:  # the autosave itself is kept; the next one tries again
             self._failed(name, e)
         return info
+
+    def thin_copy(self, remote: Repository) -> None:
+        """After a push to a remote: thin the autosaves in its copy by the same policy (every session in it; what
+        a session here runs from or resumes to stays), and prune it at most every REMOTE_PRUNE_EVERY when that
+        forgot something.  Blocking: for a worker thread."""
+        rules = self.policy.forget_rules()
+        if not self.policy.enabled or not rules:
+            return
+        removed = [c for session in sorted({c.session for c in remote.checkpoints()})
+                   for c in remote.forget(session, keep_ids=self.engine.keep_ids(session), **rules)]
+        if not removed:
+            return
+        where = str(remote.backend)
+        log.info("autosave: forgot %d older autosaves in %s", len(removed), where)
+        if self.clock() - self._remote_pruned.get(where, -REMOTE_PRUNE_EVERY) >= REMOTE_PRUNE_EVERY:
+            stats = remote.prune()
+            self._remote_pruned[where] = self.clock()
+            log.info("autosave: %s: %s", where, stats.summary())
 
     async def run(self, stop: asyncio.Event) -> None:
         """Autosave until ``stop`` is set; an autosave under way then finishes first, for cutting a checkpoint

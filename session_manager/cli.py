@@ -168,9 +168,9 @@ class Cli:
             self.engine.session(name)
         async def serve() -> None:
             say = lambda name, text: print(text, flush=True)  # noqa: E731
-            reps = replicators(self.engine, say)
-            daemon = Daemon(self.engine, self.args.session, interval_s=self.args.interval, recover=self.args.recover,
-                            background=[r.run for r in reps])
+            daemon = Daemon(self.engine, self.args.session, interval_s=self.args.interval, recover=self.args.recover)
+            reps = replicators(self.engine, say, thin=daemon.autosaver.thin_copy)
+            daemon.background = [r.run for r in reps]
             daemon.wakes.extend(r.wake for r in reps)
             for r in reps:
                 print(f"Backing up every new checkpoint to {r.remote.name} ({r.remote.url}).", flush=True)

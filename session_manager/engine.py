@@ -510,8 +510,17 @@ class Engine:
 
     def forget(self, name: str, **rules: Any) -> list[CheckpointInfo]:
         """Apply a retention policy; the checkpoint the session runs from and its saved state always stay."""
-        state = self.session(name).load_state()
-        return self.repo.forget(name, keep_ids=[i for i in (state.head, state.saved) if i], **rules)
+        self.session(name)
+        return self.repo.forget(name, keep_ids=self.keep_ids(name), **rules)
+
+    def keep_ids(self, name: str) -> list[str]:
+        """What no retention policy may forget of a session, here or in a remote's copy: the checkpoint it runs
+        from and its saved state (nothing when it does not exist here)."""
+        session = Session(self.home, name)
+        if not session.exists():
+            return []
+        state = session.load_state()
+        return [i for i in (state.head, state.saved) if i]
 
     def checkpoints(self, name: str) -> list[CheckpointInfo]:
         self.session(name)

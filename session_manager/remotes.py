@@ -275,8 +275,10 @@ class Replicator:
 
 
 def replicators(engine: Engine, on_error: Callable[[str, str], None],
-                progress: Callable[[str, Transfer], None] | None = None) -> list[Replicator]:
-    """One Replicator per configured remote; a remote that cannot be used (no credentials) is reported and skipped."""
+                progress: Callable[[str, Transfer], None] | None = None,
+                thin: Callable[[Repository], None] | None = None) -> list[Replicator]:
+    """One Replicator per configured remote; a remote that cannot be used (no credentials) is reported and skipped.
+    ``thin`` gets each remote's copy after each push (Autosaver.thin_copy: its retention, there too)."""
     remotes, out = Remotes(engine.home), []
     for remote in remotes.all():
         try:
@@ -296,5 +298,5 @@ def replicators(engine: Engine, on_error: Callable[[str, str], None],
 
         out.append(Replicator(remote, functools.partial(
             replicate_forever, engine.repo, backend, limit=remote.limit, wake=wake, on_error=failed,
-            progress=pushed), wake))
+            progress=pushed, after=thin), wake))
     return out

@@ -24,6 +24,7 @@ from session_manager.engine import Engine
 from session_manager.errors import QemuError, UsageError
 from session_manager.paths import Home
 from session_manager.settings import Settings
+from session_manager.store.backend import LocalBackend
 from session_manager.store.repo import Repository
 from test_testguest import Qmp
 
@@ -299,8 +300,16 @@ def test_daemon_autosaves_and_keeps_what_the_policy_says(sm: Sm, guest: tuple[Pa
     assert sm("status", "auto", "--json").json()["run_state"] == "running"  # a stopped daemon leaves it running
     serial.wait_counter(len(serial.counters()) + 2)
     assert "Backing up every new checkpoint to share" in out
+    # Each was pushed as it was taken, and the share was thinned after each push as here (and pruned): it keeps
+    # what stays here, give or take the newest autosave and the one that made redundant (in flight at the stop).
     backed_up = {name[:8] for name in os.listdir(share / "checkpoints")}
-    assert {first, manual[:8], *autosaves[:-1]} <= backed_up  # pushed as they were taken (the last may be in flight)
+    assert {first, manual[:8], autosaves[-2]} <= backed_up <= {first, manual[:8], *autosaves[-3:]}
+    there = re.escape(str(share))
+    forgotten = sum(int(n) for n in re.findall(rf"forgot (\d+) older autosaves in {there}\b", log_text(sm)))
+    assert forgotten >= len(autosaves) - 4  # all but the pinned one and the newest three: pushed, then forgotten
+    assert re.search(rf"autosave: {there}: Freed [\d.]+ MiB", log_text(sm))
+    here = Engine(Home.locate(sm.home)).repo
+    assert Repository(LocalBackend(share), here.id, here.master).check(read_data=True).ok  # pruned, not broken
 
 
 @pytest.mark.qemu

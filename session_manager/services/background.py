@@ -32,7 +32,8 @@ class BackgroundWork(QObject):
         super().__init__(parent)
         self.autosaver = Autosaver(engine, AutosavePolicy.from_settings(settings), [session],
                                    on_saved=self._saved, on_failed=self.autosaveFailed.emit)
-        self.replicators: list[Replicator] = replicators(engine, self.backupFailed.emit, self._progress)
+        self.replicators: list[Replicator] = replicators(engine, self.backupFailed.emit, self._progress,
+                                                         self.autosaver.thin_copy)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = [asyncio.ensure_future(self.autosaver.run(self._stop))]
         self._tasks += [asyncio.ensure_future(r.run()) for r in self.replicators]

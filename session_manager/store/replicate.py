@@ -194,13 +194,16 @@ def replicate(src: Repository, dst: Backend, *, checkpoints: Collection[str] | N
 async def replicate_forever(src: Repository, dst: Backend, *, limit: int | None = None,
                             progress: TransferProgress | None = None,
                             on_error: Callable[[SessionManagerError, float], None] | None = None,
-                            wake: asyncio.Event | None = None, poll: float = POLL_SECONDS) -> None:
+                            wake: asyncio.Event | None = None, poll: float = POLL_SECONDS,
+                            after: Callable[[Repository], None] | None = None) -> None:
     """Push every new checkpoint and annotation of ``src`` to ``dst``, until cancelled.
 
     Looks for new ones every ``poll`` seconds, or at once when ``wake`` is set (by whoever just
     took a checkpoint).  The copying runs in a worker thread.  When a push fails (the server
     cannot be reached, ...), ``on_error`` gets the error and the seconds until the next try,
     which back off from RETRY_FIRST to RETRY_MAX; checkpoints are still taken locally meanwhile.
+    ``after`` gets the copy (a Repository over ``dst``) after each push, in the worker thread (e.g. to thin
+    it by a retention policy); when it fails, so did the push.
     """
     stop = threading.Event()
     pushed: frozenset[str] | None = None
@@ -211,6 +214,8 @@ async def replicate_forever(src: Repository, dst: Backend, *, limit: int | None 
             if seen != pushed:
                 try:
                     await asyncio.to_thread(replicate, src, dst, limit=limit, progress=progress, stop=stop)
+                    if after is not None:
+                        await asyncio.to_thread(after, Repository(dst, src.id, src.master))
                     pushed, delay = seen, RETRY_FIRST
                 except SessionManagerError as e:
                     log.warning("Replication to %s failed (next try in %.0f s): %s", dst, delay, e)
