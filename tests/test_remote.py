@@ -190,6 +190,12 @@ def test_background_replication_pushes_new_checkpoints_and_retries_when_offline(
     remote = Flaky(tmp_path / "remote")
     errors: list[tuple[str, float]] = []
     sent: list[Transfer] = []
+    after: list[set[str]] = []  # what the remote's copy held after each push
+
+    def thin(copy: Repository) -> None:  # what the app passes: Autosaver.thin_copy
+        after.append({c.id for c in copy.checkpoints()})
+        if len(after) == 1:
+            raise RepositoryError("The copy is locked by another computer.")  # not a failed push
 
     async def until(condition, timeout: float = 30) -> None:  # noqa: ANN001
         deadline = time.monotonic() + timeout
@@ -197,17 +203,20 @@ def test_background_replication_pushes_new_checkpoints_and_retries_when_offline(
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
 
+    b = a
+
     async def main() -> None:
         wake = asyncio.Event()
         task = asyncio.create_task(replicate_forever(
             repo, remote, progress=sent.append, on_error=lambda e, delay: errors.append((str(e), delay)),
-            wake=wake, poll=60))
+            wake=wake, poll=60, after=thin))
         await until(lambda: len(errors) >= 2)  # it keeps trying, backing off
         assert errors[0] == ("Cannot reach the server at http://nas: Connection refused; check the address or "
                              "try later.", 0.2)
         assert errors[1][1] == 0.4
         remote.down = False
         await until(lambda: f"checkpoints/{a.id}" in set(remote.list("checkpoints/")))
+        nonlocal b
         b = await asyncio.to_thread(ingest, repo, synthetic_stream(pages(20, 2)), "desk", a.id)
         wake.set()  # as the app does after a checkpoint, rather than wait for the next poll
         await until(lambda: f"checkpoints/{b.id}" in set(remote.list("checkpoints/")))
@@ -217,6 +226,7 @@ def test_background_replication_pushes_new_checkpoints_and_retries_when_offline(
 
     asyncio.run(main())
     assert sent and objects(remote) == objects(repo.backend)
+    assert after == [{a.id}, {a.id, b.id}] and all(e.startswith("Cannot reach") for e, _ in errors)
 
 
 # -- remotes and their credentials -------------------------------------------------------------------

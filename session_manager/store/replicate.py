@@ -203,7 +203,7 @@ async def replicate_forever(src: Repository, dst: Backend, *, limit: int | None 
     cannot be reached, ...), ``on_error`` gets the error and the seconds until the next try,
     which back off from RETRY_FIRST to RETRY_MAX; checkpoints are still taken locally meanwhile.
     ``after`` gets the copy (a Repository over ``dst``) after each push, in the worker thread (e.g. to thin
-    it by a retention policy); when it fails, so did the push.
+    it by a retention policy); its failure is logged, and it runs again after the next push.
     """
     stop = threading.Event()
     pushed: frozenset[str] | None = None
@@ -214,8 +214,6 @@ async def replicate_forever(src: Repository, dst: Backend, *, limit: int | None 
             if seen != pushed:
                 try:
                     await asyncio.to_thread(replicate, src, dst, limit=limit, progress=progress, stop=stop)
-                    if after is not None:
-                        await asyncio.to_thread(after, Repository(dst, src.id, src.master))
                     pushed, delay = seen, RETRY_FIRST
                 except SessionManagerError as e:
                     log.warning("Replication to %s failed (next try in %.0f s): %s", dst, delay, e)
@@ -224,6 +222,11 @@ async def replicate_forever(src: Repository, dst: Backend, *, limit: int | None 
                     await asyncio.sleep(delay)
                     delay = min(2 * delay, RETRY_MAX)
                     continue
+                if after is not None:
+                    try:
+                        await asyncio.to_thread(after, Repository(dst, src.id, src.master))
+                    except SessionManagerError as e:  # the push itself went through: nothing to retry for it
+                        log.warning("After the push to %s: %s; it is tried again after the next push", dst, e)
             if wake is None:
                 await asyncio.sleep(poll)
             else:
