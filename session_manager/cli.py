@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -650,6 +651,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("session-manager: interrupted; nothing half-done was kept.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # whoever read our output stopped (`... | head`): quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor fail again flushing at exit
+        return 128 + signal.SIGPIPE
     except OSError as e:
         log.exception("OS error")
         if e.errno == errno.ENOSPC:

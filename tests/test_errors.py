@@ -127,3 +127,14 @@ def test_disk_full_mid_checkpoint(sm: Sm, guest: tuple[Path, Path]) -> None:
     finally:
         sm.kill_all()
         subprocess.run(["umount", "-l", str(repo)], check=False)
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(sm: Sm) -> None:
+    """`session-manager ... | head`: when the pipe's reader is gone, exit as other tools do, without a message."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    try:
+        p = subprocess.run(sm.argv("id"), stdout=write_end, stderr=subprocess.PIPE, text=True, env=sm.env, timeout=60)
+    finally:
+        os.close(write_end)
+    assert p.returncode == 128 + signal.SIGPIPE and p.stderr == ""
