@@ -57,7 +57,7 @@ class Home:
         return cls(
             data=Path(platformdirs.user_data_dir(APP)),
             state=Path(platformdirs.user_state_dir(APP)),
-            runtime=_short_runtime(Path(platformdirs.user_runtime_dir(APP))),
+            runtime=_short_runtime(_runtime_root()),
             config=Path(platformdirs.user_config_dir(APP)),
             cache=Path(platformdirs.user_cache_dir(APP)),
         )
@@ -87,9 +87,22 @@ class Home:
 
 
 def make_private_dir(path: Path) -> Path:
+    """``path`` as a directory only this user can enter; refused when another user made it first (in a shared
+    directory such as /tmp, someone could otherwise put their own sockets in our place)."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_uid != os.getuid():
+        raise UsageError(f"{path} belongs to another user, so it cannot be kept private; remove it (as that user or "
+                         "root) and try again.")
     os.chmod(path, 0o700)
     return path
+
+
+def _runtime_root() -> Path:
+    """The login session's runtime directory (XDG_RUNTIME_DIR: per user, 0700, made by the login manager); without
+    one (e.g. after `su`), a private directory of ours in the system's temporary directory."""
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(platformdirs.user_runtime_dir(APP))
+    return make_private_dir(Path(tempfile.gettempdir()) / f"{APP}-{os.getuid()}")
 
 
 def _short_runtime(wanted: Path) -> Path:
