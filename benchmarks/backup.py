@@ -43,7 +43,7 @@ from obstore.store import S3Store  # noqa: E402
 from s3server import S3Server, s3_server  # noqa: E402
 
 from benchmarks.checkpoint import wait_migrated  # noqa: E402
-from benchmarks.common import machine_line, wait_serial  # noqa: E402
+from benchmarks.common import guest_arguments, machine_line, wait_serial  # noqa: E402
 from session_manager.autosave import Autosaver, AutosavePolicy  # noqa: E402
 from session_manager.cli import _setup_logging  # noqa: E402
 from session_manager.engine import Engine  # noqa: E402
@@ -131,10 +131,7 @@ def pct(x: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--memory", type=int, default=1536, help="guest MiB")
-    ap.add_argument("--fill", type=int, default=1200, help="MiB of random data in the guest")
-    ap.add_argument("--dirty", type=int, default=4, help="MiB/s the guest re-dirties")
-    ap.add_argument("--window", type=int, default=32, help="MiB window it re-dirties")
+    guest_arguments(ap)
     ap.add_argument("--gap", type=float, default=10, help="quiet seconds before each autosave")
     ap.add_argument("--autosaves", type=int, default=5)
     ap.add_argument("--dump", type=Path, help="write the guest's `work N` lines and the measured windows here (JSON)")

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_line, wait_serial  # noqa: E402
+from benchmarks.common import guest_arguments, machine_line, wait_serial  # noqa: E402
 from session_manager.cli import _setup_logging  # noqa: E402
 from session_manager.engine import Engine  # noqa: E402
 from session_manager.paths import Home  # noqa: E402
@@ -83,10 +83,7 @@ def allocated(path: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--memory", type=int, default=1536, help="guest MiB")
-    ap.add_argument("--fill", type=int, default=1200, help="MiB of random data in the guest")
-    ap.add_argument("--dirty", type=int, default=4, help="MiB/s the guest re-dirties")
-    ap.add_argument("--window", type=int, default=32, help="MiB window it re-dirties")
+    guest_arguments(ap)
     ap.add_argument("--gap", type=float, default=10, help="seconds between the two checkpoints")
     a = ap.parse_args()
     os.environ.setdefault("SESSION_MANAGER_ACCEL", "tcg")

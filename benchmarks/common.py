@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -9,6 +10,14 @@ import time
 from pathlib import Path
 
 from session_manager.vm.qemu import find_qemu
+
+
+def guest_arguments(ap: argparse.ArgumentParser, dirty_help: str = "MiB/s the guest re-dirties") -> None:
+    """The test guest's size and workload, the same defaults in every benchmark (1.5 GiB, 1.2 GB filled)."""
+    ap.add_argument("--memory", type=int, default=1536, help="guest MiB")
+    ap.add_argument("--fill", type=int, default=1200, help="MiB of random data in the guest")
+    ap.add_argument("--dirty", type=int, default=4, help=dirty_help)
+    ap.add_argument("--window", type=int, default=32, help="MiB window it re-dirties")
 
 
 def machine_line() -> str:

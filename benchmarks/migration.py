@@ -33,12 +33,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 
-from benchmarks.common import machine_line, wait_serial  # noqa: E402
+from benchmarks.common import guest_arguments, machine_line, wait_serial  # noqa: E402
+from qemu_tls import self_signed, tls_dir  # noqa: E402
 from session_manager.cli import _setup_logging  # noqa: E402
 from session_manager.engine import Engine  # noqa: E402
-from session_manager.identity import certificate  # noqa: E402
 from session_manager.paths import Home  # noqa: E402
 from session_manager.testguest import build  # noqa: E402
 from session_manager.vm.disk import create_blank, image_info, new_layer_name  # noqa: E402
@@ -53,21 +54,6 @@ from session_manager.vm.migrate import (  # noqa: E402
 from session_manager.vm.qemu import command_line, find_qemu  # noqa: E402
 
 MB = 1e6
-
-
-# -- TLS: each side a self-signed certificate; each trusts the other's (as tests/test_migrate.py) ----------------
-
-def self_signed(cn: str) -> tuple[bytes, bytes]:
-    return certificate(cn, ["localhost", "127.0.0.1"], 1)
-
-
-def tls_dir(path: Path, own: tuple[bytes, bytes], peer_cert: bytes) -> Path:
-    path.mkdir(mode=0o700)
-    (path / "ca-cert.pem").write_bytes(peer_cert)
-    for role in ("server", "client"):
-        (path / f"{role}-cert.pem").write_bytes(own[0])
-        (path / f"{role}-key.pem").write_bytes(own[1])
-    return path
 
 
 def free_port() -> int:
@@ -183,10 +169,7 @@ class Bench:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--memory", type=int, default=1536, help="guest MiB")
-    ap.add_argument("--fill", type=int, default=1200, help="MiB of random data in the guest")
-    ap.add_argument("--dirty", type=int, default=4, help="MiB/s the busy guest re-dirties")
-    ap.add_argument("--window", type=int, default=32, help="MiB window it re-dirties")
+    guest_arguments(ap, "MiB/s the busy guest re-dirties")
     ap.add_argument("--limits", default="300,50", help="downtime-limit values (ms) to run, comma-separated")
     a = ap.parse_args()
     limits = [int(x) for x in a.limits.split(",")]

@@ -96,6 +96,23 @@ class Sm:
                 pass
 
 
+def seq_records(qcow2: Path) -> list[int]:
+    """The test guest's ``seq N`` records (sector N holds "seq N"), read from a qcow2 image (and its backing chain)
+    on the host, even while QEMU has it open."""
+    raw = qcow2.with_suffix(".records.raw")
+    subprocess.run(["qemu-img", "dd", "-U", "-f", "qcow2", "-O", "raw", f"if={qcow2}", f"of={raw}", "bs=512",
+                    "count=4096"], check=True, capture_output=True)
+    data = raw.read_bytes()
+    raw.unlink()
+    records = []
+    for sector in range(1, len(data) // 512):
+        chunk = data[sector * 512:(sector + 1) * 512]
+        if not chunk.startswith(b"seq "):
+            break
+        records.append(int(chunk[4:].split(b"\n")[0]))
+    return records
+
+
 @pytest.fixture
 def sm(tmp_path: Path) -> Iterator[Sm]:
     home = tmp_path / "home"

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Serial, Sm
+from conftest import ROOT, Serial, Sm, seq_records
+from qemu_tls import self_signed, tls_dir
 
-from session_manager.identity import certificate
 from session_manager.paths import Home
 from session_manager.sessions import Session
 from session_manager.vm.disk import create_blank, image_info, new_layer_name
@@ -65,22 +65,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-# -- certificates: each side a self-signed certificate; each trusts the other's ------------------------------
-
-def self_signed(cn: str) -> tuple[bytes, bytes]:
-    return certificate(cn, ["localhost", "127.0.0.1"], 1)
-
-
-def tls_dir(path: Path, own: tuple[bytes, bytes], peer_cert: bytes) -> Path:
-    """QEMU's tls-creds-x509 dir= layout: the peer's certificate as the CA, our own for both roles."""
-    path.mkdir(mode=0o700)
-    (path / "ca-cert.pem").write_bytes(peer_cert)
-    for role in ("server", "client"):
-        (path / f"{role}-cert.pem").write_bytes(own[0])
-        (path / f"{role}-key.pem").write_bytes(own[1])
-    return path
 
 
 @dataclass
@@ -209,21 +193,6 @@ def keeps_running(serial: Serial, since: int, count: int = 3) -> None:
     assert "disk-mismatch" not in serial.text()
 
 
-def disk_records(path: Path) -> list[int]:
-    raw = path.with_suffix(".raw")
-    subprocess.run(["qemu-img", "dd", "-U", "-f", "qcow2", "-O", "raw", f"if={path}", f"of={raw}", "bs=512",
-                    "count=4096"], check=True, capture_output=True)
-    data = raw.read_bytes()
-    raw.unlink()
-    records = []
-    for sector in range(1, len(data) // 512):
-        chunk = data[sector * 512:(sector + 1) * 512]
-        if not chunk.startswith(b"seq "):
-            break
-        records.append(int(chunk[4:].split(b"\n")[0]))
-    return records
-
-
 def pattern_intact(path: Path) -> bool:
     out = subprocess.run(["qemu-io", "-U", "-r", "-f", "qcow2", "-c", f"read -P 0xa5 {PATTERN_AT} {PATTERN_LEN}",
                           str(path)], capture_output=True, text=True)
@@ -263,7 +232,7 @@ def test_live_migration_carries_memory_and_disk(sm: Sm, guest: tuple[Path, Path]
     # Its disk checks pass on the destination: the records written on the source arrived.
     dest.serial.wait_for(rf"^disk ok {on_dest[-1]}")
     assert "disk-mismatch" not in dest.serial.text()
-    records = disk_records(dest.disk)
+    records = seq_records(dest.disk)
     assert records == list(range(1, len(records) + 1)) and records[-1] >= on_dest[-1]
     assert pattern_intact(dest.disk)  # and the data outside what the guest touches
 

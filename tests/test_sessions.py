@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Serial, Sm
+from conftest import Serial, Sm, seq_records
 
 pytestmark = pytest.mark.qemu
 
@@ -19,18 +19,8 @@ def disk_records(sm: Sm, name: str, layer: str | None = None) -> list[int]:
     disks = sm.home / "data" / "sessions" / name / "disks"
     state = (sm.home / "data" / "sessions" / name / "state.json").read_text()
     top = disks / (layer or re.search(r'"active_layer": "([^"]+)"', state)[1])
-    out = top.with_suffix(".test.raw")
-    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(top), str(out)], check=True)
-    data = out.read_bytes()
-    out.unlink()
     assert status["name"] == name
-    records = []
-    for sector in range(1, len(data) // 512):
-        chunk = data[sector * 512:(sector + 1) * 512]
-        if not chunk.startswith(b"seq "):
-            break
-        records.append(int(chunk[4:].split(b"\n")[0]))
-    return records
+    return seq_records(top)
 
 
 def checkpoint(sm: Sm, name: str, note: str = "") -> dict:
