@@ -96,6 +96,21 @@ class Sm:
                 pass
 
 
+def two_checkpoints(sm: Sm, name: str, guest: tuple[Path, Path]) -> tuple[Serial, dict, dict, int, int]:
+    """A running test guest ``name`` with two checkpoints three counts apart: (its serial log, the first, the
+    latest, the last counter before the latest was taken, the last one after)."""
+    sm.new_guest(name, guest, fill=16)
+    sm("start", name)
+    serial = sm.serial(name)
+    serial.wait_for(r"^ready")
+    serial.wait_counter(3)
+    first = sm("checkpoint", name, "--json").json()
+    serial.wait_counter(serial.counters()[-1] + 3)
+    before = serial.counters()[-1]
+    latest = sm("checkpoint", name, "--json").json()
+    return serial, first, latest, before, serial.counters()[-1]
+
+
 def seq_records(qcow2: Path) -> list[int]:
     """The test guest's ``seq N`` records (sector N holds "seq N"), read from a qcow2 image (and its backing chain)
     on the host, even while QEMU has it open."""

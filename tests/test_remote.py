@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_store import assert_consistent, ingest, synthetic_stream
 
-from conftest import S3Server, Serial, Sm
+from conftest import S3Server, Serial, Sm, two_checkpoints
 from session_manager.errors import CorruptionError, RepositoryError, UsageError
 from session_manager.keychain import KeyringUnavailable
 from session_manager.paths import Home
@@ -360,16 +360,7 @@ def test_resume_on_another_computer_continues_the_guest(s3_server: S3Server, gue
     one = Sm(tmp_path / "one", env={**creds_env(s3_server), "SESSION_MANAGER_NEW_PASSPHRASE": PASSPHRASE})
     two = Sm(tmp_path / "two", env={**creds_env(s3_server), "SESSION_MANAGER_PASSPHRASE": PASSPHRASE})
     try:
-        one.new_guest("desk", guest, fill=16)
-        one("start", "desk")
-        serial = one.serial("desk")
-        serial.wait_for(r"^ready")
-        serial.wait_counter(3)
-        first = one("checkpoint", "desk", "--json").json()
-        serial.wait_counter(serial.counters()[-1] + 3)
-        before = serial.counters()[-1]
-        latest = one("checkpoint", "desk", "--json").json()
-        after = serial.counters()[-1]
+        serial, first, latest, before, after = two_checkpoints(one, "desk", guest)
         one("key", "add")
         one("remote", "add", "office", url, "--endpoint", s3_server.endpoint)
         one("push")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Serial
+from conftest import Serial, two_checkpoints
 from session_manager.store.backend import LocalBackend
 from test_peers import one_sentence, paired_homes, serving
 
@@ -19,16 +19,7 @@ pytestmark = pytest.mark.qemu
 def test_send_copies_the_latest_checkpoint_and_start_resumes_it_there(tmp_path: Path,
                                                                       guest: tuple[Path, Path]) -> None:
     with paired_homes(tmp_path) as (a, b, port_b):
-        a.new_guest("desk", guest, fill=16)
-        a("start", "desk")
-        serial = a.serial("desk")
-        serial.wait_for(r"^ready")
-        serial.wait_counter(3)
-        first = a("checkpoint", "desk", "--json").json()
-        serial.wait_counter(serial.counters()[-1] + 3)
-        before = serial.counters()[-1]
-        latest = a("checkpoint", "desk", "--json").json()
-        after = serial.counters()[-1]
+        serial, first, latest, before, after = two_checkpoints(a, "desk", guest)
 
         one_sentence(a("send", "desk", "b", check=False), "Cannot reach", "serve")  # b's agent is off
 
