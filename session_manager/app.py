@@ -21,7 +21,7 @@ from .agent import Agent
 from .engine import Engine
 from .errors import SessionManagerError, UsageError
 from .live_migration import Receiver
-from .paths import Home
+from .paths import Home, make_private_dir
 from .peers import DEFAULT_PORT, parse_address
 from .remotes import Credentials, Remote, Remotes, normalize_url, open_backend, open_remote, remote_sessions, resume
 from .resources import APP_ID, icon_path
@@ -49,7 +49,7 @@ class SingleInstance(QObject):
 
     def __init__(self, home: Home) -> None:
         super().__init__()
-        self.path = str(home.runtime / "app.sock")
+        self.path = str(make_private_dir(home.runtime) / "app.sock")  # gone after every reboot (a tmpfs)
         self.server = QLocalServer(self)
         self.server.newConnection.connect(self._connection)
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -175,6 +178,35 @@ def test_second_start_brings_the_first_forward(sm: Sm, guest: tuple[Path, Path])
     finally:
         first.terminate()
         first.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("where", ["login", "home"])
+def test_starts_on_a_fresh_login(tmp_path: Path, where: str) -> None:
+    """As the desktop entry starts it (`session-manager`, no arguments) after a reboot: the runtime directory is a
+    new empty tmpfs directory, and nothing of ours exists yet (or a new --home).  Short paths, as real ones are
+    (a long one would have its sockets moved to a directory of ours in /tmp)."""
+    short = Path(tempfile.mkdtemp(prefix="sm-", dir="/tmp"))
+    runtime = short / "run"
+    runtime.mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "SESSION_MANAGER_"))}
+    env.update(HOME=str(tmp_path / "user"), XDG_RUNTIME_DIR=str(runtime), QT_QPA_PLATFORM="offscreen")
+    argv = [sys.executable, "-m", "session_manager.cli"] + (["--home", str(short / "home")] if where == "home" else [])
+    socket = (short / "home" / "run" if where == "home" else runtime / "session-manager") / "app.sock"
+    first = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not socket.exists():  # it waits in its first-run dialog, answering later starts
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the app never listened"
+            time.sleep(0.1)
+        assert socket.parent.stat().st_mode & 0o777 == 0o700
+        second = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 0 and "already running" in second.stdout, second.stderr
+        assert first.poll() is None
+    finally:
+        first.terminate()
+        first.communicate(timeout=30)
+        shutil.rmtree(short)
 
 
 @pytest.mark.qemu
