@@ -35,6 +35,7 @@ from .store.backend import AlreadyExistsError, Backend, LocalBackend, NewObject
 from .store.codec import MasterKey
 from .store.replicate import Transfer, TransferProgress, replicate
 from .store.repo import CheckpointInfo
+from .vm.qemu import cannot_load, machine_types
 
 CHUNK = 512 << 10  # bytes of object data per message (base64 keeps a message under agent.MAX_LINE)
 CALL_TIMEOUT = 120.0
@@ -53,6 +54,31 @@ def _unb64(text: Any) -> bytes:
     except ValueError:
         raise PeerError("A repository request carried malformed data; use the same version of session-manager on "
                         "both computers.") from None
+
+
+# -- which QEMU runs sessions here: asked before a session or a checkpoint moves ------------------------------
+
+QEMU_INFO = "qemu-info"
+
+
+async def qemu_info(engine: Engine) -> dict[str, Any]:
+    """The answer to QEMU_INFO: the version of the QEMU that would run an arriving session, and its machine types."""
+    qemu = engine.qemu
+    return {"version": qemu.version_text, "machines": sorted(machine_types(qemu))}
+
+
+async def require_peer_loads(conn: Connection, written_by: str | None, machine: str, what: str) -> None:
+    """Refuse, before anything moves, to send the peer a machine state (saved by QEMU ``written_by`` for ``machine``)
+    that its QEMU cannot load."""
+    info = await conn.call(QEMU_INFO, timeout=CALL_TIMEOUT)
+    try:
+        why = cannot_load(str(info["version"]), {str(m) for m in info["machines"]}, written_by, machine)
+    except (KeyError, TypeError, ValueError):
+        raise PeerError(f"{conn.name} answered {QEMU_INFO} with something malformed; use the same version of "
+                        "session-manager on both computers.") from None
+    if why:
+        raise UsageError(f"{what} cannot run on {conn.name}: {why}; upgrade QEMU there (or set its `qemu` setting), "
+                         "and nothing was sent.")
 
 
 # -- the receiving side: the agent's handlers -------------------------------------------------------------
@@ -263,6 +289,8 @@ async def send(engine: Engine, name: str, peer_name: str, ref: str | None = None
                              f"{name}` (or stop it, which saves one).")
         ckpt = ckpts[-1]
     async with connect(engine.home, peer) as conn:
+        await require_peer_loads(conn, ckpt.meta.get("qemu"), ckpt.meta["config"]["machine"],
+                                 f"Checkpoint {ckpt.id[:8]} of {name}")
         sent = await _copy(engine, conn, [ckpt.id], progress)
         status = await conn.call("session-adopt", timeout=CALL_TIMEOUT, checkpoint=ckpt.id)
     return Sent(ckpt, sent, status)

@@ -188,9 +188,11 @@ class Cli:
             lines.append(f"  QEMU died while it ran; `session-manager recover {st.name}` (or `start`) restores its "
                          "latest checkpoint")
         if st.pid:
-            lines.append(f"  QEMU pid {st.pid}, accelerator {st.accel} ({st.accel_reason})")
+            lines.append(f"  QEMU {st.qemu_version} ({st.qemu}), pid {st.pid}, accelerator {st.accel} ({st.accel_reason})")
             lines.append(f"  checkpoints: {'live (background snapshot)' if st.live_checkpoints else 'stop-and-copy (pauses the guest)'}")
             lines.append(f"  display: VNC on {st.vnc_socket}")
+        else:
+            lines.append(f"  starts with QEMU {st.qemu_version} ({st.qemu})")
         lines.append(f"  serial console log: {st.serial_log}")
         lines.append(f"  head checkpoint: {st.head[:8] if st.head else 'none yet'}")
         return "\n".join(lines)

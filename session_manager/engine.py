@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NotFoundError, QemuError, SessionManagerError, StreamFormatError, UsageError
-from .paths import Home
+from .paths import Home, machine_cache
+from .settings import Settings
 from .sessions import Session, SessionConfig, SessionState, list_sessions
 from .store.repo import CheckpointInfo, Repository
 from .vm import disk as vdisk
@@ -34,8 +35,12 @@ from .vm.qemu import (
     boot_id,
     choose_accelerator,
     command_line,
+    Qemu,
+    cannot_load,
     find_qemu,
     machine_type,
+    machine_types,
+    qemu_path,
 )
 from .vm.snapshot import Capture, capture, live_supported, load, merge_layers
 from .vm.stream import REGION_SHIFT, Segment, iter_segments, running_on_load
@@ -93,6 +98,8 @@ class Status:
     cpus: int
     crashed: bool = False  # QEMU died while the session should run: `recover` brings back its latest checkpoint
     moved_to: str | None = None  # the peer it was live-migrated to (and runs on), when it has no QEMU here
+    qemu: str | None = None  # the qemu-system-x86_64 that runs it (or would start it)
+    qemu_version: str | None = None
 
 
 class Engine:
@@ -105,6 +112,11 @@ class Engine:
         if self._repo is None:
             self._repo = Repository.open(self.home.repository, create=True)
         return self._repo
+
+    @property
+    def qemu(self) -> Qemu:
+        """The QEMU that starts sessions: $SESSION_MANAGER_QEMU, the ``qemu`` setting, or the one on PATH."""
+        return find_qemu(qemu_path(Settings.load(self.home).qemu))
 
     def session(self, name: str) -> Session:
         return Session(self.home, name).require()
@@ -141,7 +153,7 @@ class Engine:
             raise UsageError("--memory must be at least 64M.")
         if cpus < 1:
             raise UsageError("--cpus must be at least 1.")
-        qemu = find_qemu()
+        qemu = self.qemu
         base_format = None
         if disk is not None:
             info = vdisk.image_info(Path(disk))
@@ -203,9 +215,7 @@ class Engine:
         forced = os.environ.get(ACCEL_ENV)
         if forced in ("kvm", "tcg"):
             return Accel(forced, f"{ACCEL_ENV}={forced}")
-        from .testguest import build as build_guest
-
-        return choose_accelerator(self.home.cache, lambda: build_guest(self.home.cache / "testguest"))
+        return choose_accelerator(machine_cache(), self.qemu)
 
     async def start(self, name: str) -> Status:
         """Start a session: resume its saved state if it was stopped with one, its latest checkpoint if it
@@ -242,10 +252,31 @@ class Engine:
         session.state_dir.mkdir(parents=True, exist_ok=True)
         with open(session.serial_log, "a") as f:  # so the log shows where each run of the guest begins
             f.write(f"\n{SERIAL_MARK} {why} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        argv = command_line(find_qemu(), config, accel=accel.name, top_layer=top, sockets=sockets,
+        qemu = self.qemu
+        if config.machine not in machine_types(qemu):
+            raise QemuError(f"Session {session.name!r} has machine type {config.machine}, which QEMU {qemu.version_text} "
+                            f"({qemu.system}) does not have; run it with the newer QEMU it was made with (the `qemu` "
+                            "setting in settings.toml).")
+        argv = command_line(qemu, config, accel=accel.name, top_layer=top, sockets=sockets,
                             serial_log=session.serial_log, incoming=incoming, paused=paused)
         await launch(argv, sockets, session.qemu_log)
         (sockets.runtime / "accel").write_text(f"{accel.name}\n{accel.reason}\n")
+        (sockets.runtime / "qemu").write_text(f"{qemu.version_text}\n{qemu.system}\n")
+
+    def require_loadable(self, ckpt: CheckpointInfo) -> None:
+        """Refuse, before anything changes, a checkpoint that this computer's QEMU cannot load."""
+        qemu = self.qemu
+        why = cannot_load(qemu.version_text, machine_types(qemu), ckpt.meta.get("qemu"), ckpt.meta["config"]["machine"])
+        if why:
+            raise QemuError(f"Checkpoint {ckpt.id[:8]} of {ckpt.session} cannot run here: {why}: install one, or "
+                            "point the `qemu` setting in settings.toml at it.")
+
+    def running_qemu(self, session: Session) -> tuple[str, str]:
+        """(version, path) of the QEMU that runs the session, or of the one that would start it."""
+        text = _read(self.sockets(session).runtime / "qemu") if self.sockets(session).pid() is not None else None
+        if text and len(lines := text.splitlines()) == 2:
+            return lines[0], lines[1]
+        return self.qemu.version_text, self.qemu.system
 
     async def _note_live_support(self, machine: Machine, session: Session) -> bool:
         live = await live_supported(machine)
@@ -288,6 +319,7 @@ class Engine:
                 run_state = (await m.status()).value
         accel = _read(sockets.runtime / "accel")
         live = _read(sockets.runtime / "live")
+        qemu = self.running_qemu(session)
         return Status(
             name=name,
             running=run_state == RunState.RUNNING.value,
@@ -306,6 +338,8 @@ class Engine:
             cpus=config.cpus,
             crashed=pid is None and self.crashed(name),
             moved_to=state.moved_to if pid is None else None,
+            qemu=qemu[1],
+            qemu_version=qemu[0],
         )
 
     # -- crashes -------------------------------------------------------------------
@@ -420,7 +454,7 @@ class Engine:
             await asyncio.to_thread(self._ingest_disk, w, session, cap.frozen_layer, _layer_of(state, state.head))
             if thumbnail:
                 w.set_thumbnail(thumbnail)
-            info = w.commit(self._meta(cap, note, kind, config))
+            info = w.commit(self._meta(cap, note, kind, config, self.running_qemu(session)[0]))
         state.head = info.id
         state.layers[cap.frozen_layer] = info.id
         session.save_state(state)
@@ -493,18 +527,17 @@ class Engine:
         session.save_state(state)
 
     @staticmethod
-    def _meta(cap: Capture, note: str, kind: str, config: SessionConfig) -> dict[str, Any]:
+    def _meta(cap: Capture, note: str, kind: str, config: SessionConfig, qemu: str) -> dict[str, Any]:
         return {
             "kind": kind,
             "note": note,
             "live": cap.live,
             "pause_ms": round(cap.pause_ms, 3),
             "downtime_ms": cap.downtime_ms,
-            "held_ms": round(cap.held_ms, 3),
             "wall_s": round(cap.wall_s, 3),
             "stream_bytes": cap.stream_bytes,
             "disk_layer": cap.frozen_layer,
-            "qemu": find_qemu().version_text,
+            "qemu": qemu,
             "config": asdict(config),
         }
 
@@ -571,6 +604,7 @@ class Engine:
     async def _restore_locked(self, session: Session, ckpt: CheckpointInfo, take_before: bool,
                               progress: Progress = _no_progress) -> CheckpointInfo | None:
         # Everything that can be checked is checked before QEMU sees a byte.
+        self.require_loadable(ckpt)
         progress("Verifying the checkpoint", -1)
         started = time.monotonic()
         await asyncio.to_thread(self.repo.verify, ckpt)
@@ -686,7 +720,7 @@ class Engine:
             raw.unlink(missing_ok=True)
             stream.with_suffix(".migration.part").unlink(missing_ok=True)
         config = SessionConfig(**ckpt.meta["config"])
-        argv = command_line(find_qemu(), config, accel=self.accelerator().name, top_layer=qcow2, sockets=Sockets(out_dir),
+        argv = command_line(self.qemu, config, accel=self.accelerator().name, top_layer=qcow2, sockets=Sockets(out_dir),
                             serial_log=out_dir / f"{name}-serial.log")
         return _standalone(argv, stream)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .agent import Agent, Call, Connection, connect
-from .checkpoint_migration import send_history
+from .checkpoint_migration import QEMU_INFO, qemu_info, require_peer_loads, send_history
 from .engine import Engine
 from .errors import PeerError, SessionManagerError, UsageError
 from .handover import DISPLAY, serve_display
@@ -90,6 +90,7 @@ class Receiver:
         agent.register("migrate-in", self.migrate_in)
         agent.register("migrate-finish", self.migrate_finish)
         agent.register("migrate-abort", self.migrate_abort)
+        agent.register(QEMU_INFO, lambda call: qemu_info(self.engine))
         agent.register(DISPLAY, lambda call: serve_display(self.engine, self.pending, call))  # after the move
 
     async def migrate_in(self, call: Call) -> dict[str, int]:
@@ -275,6 +276,7 @@ async def migrate(engine: Engine, name: str, peer_name: str, say: Callable[[str]
         mark.write_text(peer.name)
         try:
             async with connect(home, peer) as conn:
+                await require_peer_loads(conn, engine.running_qemu(session)[0], config.machine, f"Session {name}")
                 say(f"Preparing {peer.name} to receive {name}")
                 ports = await conn.call("migrate-in", timeout=CALL_TIMEOUT, name=name, config=asdict(config),
                                         disk_size=disk_size, postcopy=postcopy)

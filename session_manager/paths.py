@@ -86,6 +86,11 @@ class Home:
         return path
 
 
+def machine_cache() -> Path:
+    """This user's cache on this machine, whatever ``--home`` says: for what belongs to the machine, not a home."""
+    return Path(platformdirs.user_cache_dir(APP))
+
+
 def make_private_dir(path: Path) -> Path:
     """``path`` as a directory only this user can enter; refused when another user made it first (in a shared
     directory such as /tmp, someone could otherwise put their own sockets in our place)."""

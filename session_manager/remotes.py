@@ -255,6 +255,7 @@ async def resume(engine: Engine, remote: Repository, ckpt: CheckpointInfo, *, li
                  progress: Progress = lambda what, fraction: None) -> tuple[Status, Transfer]:
     """Pull what ``ckpt`` needs into this home's repository, then start its session from it: created from
     the checkpoint's config if this home does not have it, else restored (its current state checkpointed first)."""
+    engine.require_loadable(ckpt)
     target = local_target(engine.home, remote)
     sent = await asyncio.to_thread(replicate, remote, target, checkpoints=[ckpt.id], limit=limit, progress=transfer)
     local = engine.repo.get(ckpt.id)

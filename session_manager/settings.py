@@ -44,6 +44,9 @@ class Settings:
     autosave_keep_minutes: float = 60.0
     autosave_keep_hourly: int = 24
     autosave_keep_daily: int = 30
+    # The qemu-system-x86_64 that runs sessions (None: the one on PATH); $SESSION_MANAGER_QEMU overrides it.
+    # A QEMU unpacked into a directory of its own (PREFIX/usr/bin/qemu-system-x86_64) finds its firmware there.
+    qemu: str | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -114,6 +117,9 @@ def _problem(key: str, value: Any) -> str | None:
     elif key == "scale":
         ok = value in SCALES
         wanted = " or ".join(f'"{s}"' for s in SCALES)
+    elif key == "qemu":
+        ok = value is None or (isinstance(value, str) and os.path.isabs(value))
+        wanted = "the absolute path of a qemu-system-x86_64 in quotes"
     elif key == "session":
         ok = value is None or (isinstance(value, str) and _is_name(value))
         wanted = "the name of a session in quotes"

@@ -340,7 +340,13 @@ BEGIN {
 
 
 def run(*cmd: str, cwd: Path | None = None) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+        raise SessionManagerError(
+            f"The test guest is built from Debian's packages, and this system has no {cmd[0]}; make a session of "
+            "your own instead (`session-manager new NAME --iso INSTALLER.iso`)."
+        ) from None
     if proc.returncode != 0:
         why = (proc.stderr.strip().splitlines() or ["no message"])[-1]
         raise SessionManagerError(

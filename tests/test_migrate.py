@@ -38,7 +38,7 @@ from session_manager.vm.migrate import (
     recover_source,
     resume_source,
 )
-from session_manager.vm.qemu import command_line, find_qemu
+from session_manager.vm.qemu import command_line, find_qemu, qemu_path
 
 pytestmark = pytest.mark.qemu
 
@@ -143,7 +143,7 @@ async def start_destination(sm: Sm, source: Source) -> Dest:
     create_blank(disk, int(image_info(source.layer)["virtual-size"]))
     sockets = Sockets(Home.locate(sm.home).session_runtime(here.name))
     serial_log = here / "serial.log"
-    argv = command_line(find_qemu(), session.load_config(), accel="tcg", top_layer=disk, sockets=sockets,
+    argv = command_line(find_qemu(qemu_path()), session.load_config(), accel="tcg", top_layer=disk, sockets=sockets,
                         serial_log=serial_log, incoming=True, paused=True)
     pid = await launch(argv, sockets, here / "qemu.log")
     return Dest(sockets, Serial(serial_log), disk, pid, free_port(), free_port())

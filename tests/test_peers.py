@@ -28,6 +28,7 @@ from session_manager.errors import PeerError, UsageError
 from session_manager.identity import TLS_HOSTNAME, load_identity, matches, short_id, write_qemu_tls_dir
 from session_manager.paths import Home
 from session_manager.peers import Peers, new_peer, parse_address
+from session_manager.vm.qemu import find_qemu, qemu_path
 
 ID_RE = re.compile(r"[A-Z2-7]{7}(-[A-Z2-7]{7}){3}")
 
@@ -282,7 +283,7 @@ class Qmp:
         sock, self.log = tmp_path / f"{name}.qmp", tmp_path / f"{name}.log"
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
-                ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+                [*find_qemu(qemu_path()).command, "-machine", "none", "-nodefaults", "-display", "none",
                  "-object", f"tls-creds-x509,id=tls0,dir={tls},endpoint={endpoint},verify-peer=on,sanity-check=off",
                  "-qmp", f"unix:{sock},server=on,wait=off", *extra], stderr=log)
         self.sock = socket.socket(socket.AF_UNIX)

@@ -138,6 +138,7 @@ def qemu_streams(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # -- round trips ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.qemu
 def test_real_streams_round_trip(tmp_path: Path, qemu_streams: dict[str, Path]) -> None:
     repo = Repository.open(tmp_path / "repo", create=True)
     infos = {}
@@ -156,6 +157,7 @@ def test_real_streams_round_trip(tmp_path: Path, qemu_streams: dict[str, Path]) 
     assert repo.check(read_data=True).ok
 
 
+@pytest.mark.qemu
 def test_second_checkpoint_of_a_barely_changed_guest_adds_little(tmp_path: Path) -> None:
     fill = bytearray(fill_data(24, 7))
     first = record_stream(tmp_path / "a.stream", 160, bytes(fill), background=False).read_bytes()

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from session_manager.errors import StreamFormatError
+from session_manager.vm.qemu import find_qemu, qemu_path
 from session_manager.vm.stream import PAGE_SIZE, SEGMENT_DATA_MAX, Segment, iter_segments
 
-QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"  # CI installs it; missing means failing
+QEMU = find_qemu(qemu_path()).command  # $SESSION_MANAGER_QEMU or the system's; CI installs it: missing means failing
 FILL_AT = 16 << 20  # guest-physical address where the recorder loads its random data
 
 
@@ -72,7 +73,7 @@ def record_stream(out: Path, memory_mib: int, fill: bytes, background: bool, cap
     (work / "fill.bin").write_bytes(fill)
     sock = work / "qmp.sock"
     qemu = subprocess.Popen(
-        [QEMU, "-accel", "tcg", "-m", str(memory_mib), "-display", "none", "-nodefaults", "-S",
+        [*QEMU, "-accel", "tcg", "-m", str(memory_mib), "-display", "none", "-nodefaults", "-S",
          "-qmp", f"unix:{sock},server=on,wait=off",
          "-device", f"loader,file={work / 'fill.bin'},addr={FILL_AT:#x},force-raw=on"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -227,6 +228,7 @@ def basic() -> tuple[bytes, Synthetic]:
 # -- tests: real QEMU streams --------------------------------------------------------------------------
 
 
+@pytest.mark.qemu
 @pytest.mark.parametrize("which", ["small-plain", "small-bg", "large-plain", "large-bg"])
 def test_real_stream_round_trip(qemu_streams: dict[str, Path], which: str) -> None:
     data = qemu_streams[which].read_bytes()
@@ -244,6 +246,7 @@ def test_real_stream_round_trip(qemu_streams: dict[str, Path], which: str) -> No
     assert again == segments
 
 
+@pytest.mark.qemu
 def test_unchanged_memory_gives_identical_segments(qemu_streams: dict[str, Path]) -> None:
     data = bytearray(qemu_streams["large-plain"].read_bytes())
     first = list(iter_segments(reader(bytes(data))))
@@ -258,6 +261,7 @@ def test_unchanged_memory_gives_identical_segments(qemu_streams: dict[str, Path]
     assert first[differ[0]].data == second[differ[0]].data
 
 
+@pytest.mark.qemu
 @pytest.mark.parametrize("capability, message", [("x-ignore-shared", "x-ignore-shared"), ("compress", "COMPRESS_PAGE")])
 def test_real_streams_with_unsupported_capabilities(tmp_path: Path, capability: str, message: str) -> None:
     data = record_stream(tmp_path / "s", 48, fill_data(1, 2), background=False, capability=capability).read_bytes()
@@ -265,6 +269,7 @@ def test_real_streams_with_unsupported_capabilities(tmp_path: Path, capability: 
         list(iter_segments(reader(data)))
 
 
+@pytest.mark.qemu
 def test_truncated_real_stream(qemu_streams: dict[str, Path]) -> None:
     data = qemu_streams["small-bg"].read_bytes()
     tail = data.rfind(b"\x00\x06")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import QemuError
-from .qemu import find_qemu
+from .qemu import find_qemu, qemu_path
 
 CHUNK = 64 * 1024  # the unit the repository stores disks in (qcow2's default cluster)
 
@@ -28,7 +28,7 @@ def new_layer_name() -> str:
 
 
 def qemu_img(*args: str) -> str:
-    proc = subprocess.run([find_qemu().img, *args], capture_output=True, text=True)
+    proc = subprocess.run([find_qemu(qemu_path()).img, *args], capture_output=True, text=True)
     if proc.returncode != 0:
         msg = (proc.stderr.strip().splitlines() or ["no message"])[-1]
         raise QemuError(f"qemu-img {args[0]} failed: {msg}.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -10,12 +11,11 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from ..errors import QemuError, SessionManagerError
+from ..errors import QemuError
 from ..sessions import SessionConfig
 from .machine import DISK_DEVICE, Sockets, node_name
 
@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 MIN_VERSION = (7, 2)
 QEMU_ENV = "SESSION_MANAGER_QEMU"  # path of qemu-system-x86_64, for unusual installs
-PROBE_SECONDS = 20.0
 
 
 @dataclass(frozen=True)
@@ -31,24 +30,54 @@ class Qemu:
     system: str
     img: str
     version: tuple[int, int, int]
+    # A QEMU unpacked into a private prefix (e.g. `dpkg-deb -x` of a newer Debian package) must be told where its
+    # own firmware and modules are, or it loads the system QEMU's ("Only modules from the same build ...").
+    data_dir: str | None = None
+    module_dir: str | None = None
 
     @property
     def version_text(self) -> str:
         return ".".join(map(str, self.version))
 
+    @property
+    def command(self) -> list[str]:
+        """How to run qemu-system-x86_64: the binary, with its prefix's firmware and modules when it has its own."""
+        argv = [self.system]
+        if self.module_dir:
+            argv = ["env", f"QEMU_MODULE_DIR={self.module_dir}", *argv]
+        if self.data_dir:
+            argv += ["-L", self.data_dir]
+        return argv
+
+    def describe(self) -> str:
+        return f"QEMU {self.version_text} ({self.system})"
+
+
+def qemu_path(setting: str | None = None) -> str | None:
+    """The qemu-system-x86_64 to use: $SESSION_MANAGER_QEMU, else the ``qemu`` setting, else None (the one on PATH)."""
+    return os.environ.get(QEMU_ENV) or setting or None
+
 
 @cache
-def find_qemu() -> Qemu:
-    forced = os.environ.get(QEMU_ENV)
-    if forced and not os.access(forced, os.X_OK):
-        raise QemuError(f"{QEMU_ENV} names {forced}, which is not an executable; fix or unset it.")
-    system = forced or shutil.which("qemu-system-x86_64")
+def find_qemu(path: str | None = None) -> Qemu:
+    """The QEMU at ``path`` (see :func:`qemu_path`), or qemu-system-x86_64 on PATH; checked to be new enough."""
+    if path and not os.access(path, os.X_OK):
+        raise QemuError(f"{path} is not an executable QEMU; fix {QEMU_ENV} or the qemu setting in settings.toml, or "
+                        "remove it to use the system's QEMU.")
+    system = path or shutil.which("qemu-system-x86_64")
     img = shutil.which("qemu-img", path=os.path.dirname(system) + os.pathsep + os.environ.get("PATH", "")) if system else None
     if not system or not img:
         raise QemuError(
             "QEMU is not installed; install it with `sudo apt-get install qemu-system-x86 qemu-utils` and try again."
         )
-    out = subprocess.run([system, "--version"], capture_output=True, text=True).stdout
+    prefix = Path(system).resolve().parent.parent
+    data_dir = module_dir = None
+    if prefix != Path("/usr"):
+        data_dir = str(prefix / "share/qemu") if (prefix / "share/qemu").is_dir() else None
+        module_dir = next((str(d) for d in (prefix / "lib/x86_64-linux-gnu/qemu", prefix / "lib/qemu") if d.is_dir()),
+                          None)
+    env = {**os.environ, "QEMU_MODULE_DIR": module_dir} if module_dir else None
+    out = subprocess.run([system, "--version"], capture_output=True, text=True, env=env).stdout
     m = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
     if not m:
         raise QemuError(f"{system} did not report a version; reinstall QEMU (qemu-system-x86) and try again.")
@@ -58,7 +87,12 @@ def find_qemu() -> Qemu:
             f"QEMU {'.'.join(m.groups())} is too old: session-manager needs QEMU 7.2 or newer for "
             "background snapshots; upgrade qemu-system-x86."
         )
-    return Qemu(system, img, version)
+    return Qemu(system, img, version, data_dir, module_dir)
+
+
+@cache
+def _machine_help(qemu: Qemu) -> str:
+    return subprocess.run([*qemu.command, "-machine", "help"], capture_output=True, text=True).stdout
 
 
 def machine_type(qemu: Qemu, alias: str = "q35") -> str:
@@ -67,9 +101,34 @@ def machine_type(qemu: Qemu, alias: str = "q35") -> str:
     A session records the versioned name, so its checkpoints stay loadable
     after QEMU is upgraded.
     """
-    out = subprocess.run([qemu.system, "-machine", "help"], capture_output=True, text=True).stdout
-    m = re.search(rf"^{re.escape(alias)}\s.*\(alias of ([\w.-]+)\)", out, re.M)
+    m = re.search(rf"^{re.escape(alias)}\s.*\(alias of ([\w.-]+)\)", _machine_help(qemu), re.M)
     return m[1] if m else alias
+
+
+def machine_types(qemu: Qemu) -> set[str]:
+    return set(re.findall(r"^([\w.-]+)\s", _machine_help(qemu), re.M)) - {"Supported"}
+
+
+def release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version such as "10.0.2": QEMU keeps the migration format within a release series."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if not m:
+        raise ValueError(version)
+    return int(m[1]), int(m[2])
+
+
+def cannot_load(have: str, machines: set[str] | None, written_by: str | None, machine: str) -> str | None:
+    """Why QEMU ``have`` (knowing ``machines``, when known) cannot load a machine state that QEMU ``written_by``
+    saved for machine type ``machine``, or None when it can.
+
+    QEMU loads the state of an older or the same release into the same machine type (that is what versioned
+    machine types are for), but not of a newer one: its devices may carry state the older one does not know."""
+    newer = written_by is not None and release(written_by) > release(have)
+    if not newer and (machines is None or machine in machines):
+        return None
+    needed = ".".join(map(str, release(written_by))) if newer and written_by else None
+    return (f"its state comes from QEMU {written_by} with machine type {machine}, which QEMU {have} cannot load; "
+            + (f"it needs QEMU {needed} or newer" if needed else f"it needs a QEMU that has machine type {machine}"))
 
 
 # -- accelerator --------------------------------------------------------------
@@ -80,59 +139,81 @@ class Accel:
     reason: str
 
 
-def choose_accelerator(cache_dir: Path, guest: Callable[[], tuple[Path, Path]]) -> Accel:
-    """KVM when a real guest boots under it within PROBE_SECONDS, TCG otherwise.
+def choose_accelerator(cache_dir: Path, qemu: Qemu) -> Accel:
+    """KVM when a tiny guest of our own runs under it at native speed, TCG otherwise.
 
-    /dev/kvm can exist and still hang guests (nested virtualisation), so the
-    only trustworthy check is booting the test guest (``guest()`` builds it)
-    and waiting for it to say ``ready``.  The answer is kept until the host
-    reboots or QEMU changes.
+    /dev/kvm can exist and still crawl (nested virtualisation, where every exit to QEMU costs about a
+    millisecond and a Linux guest seems to hang), so a boot sector that makes PROBE_EXITS port writes and
+    then prints a mark on its serial line must finish within PROBE_SECONDS: working KVM spends a few
+    microseconds on an exit, and the firmware boots in a fraction of a second.  Nothing is downloaded.  The answer is kept in ``cache_dir``
+    (per user, not per home) until the host reboots or the QEMU changes.
     """
-    qemu = find_qemu()
-    key = {"boot_id": boot_id(), "qemu": qemu.version_text}
+    key = {"boot_id": boot_id(), "qemu": qemu.system, "version": qemu.version_text}
     cache_file = cache_dir / "accelerator.json"
     try:
         cached = json.loads(cache_file.read_text())
         if cached["key"] == key:
             return Accel(cached["name"], cached["reason"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         accel = Accel("tcg", "/dev/kvm is missing or not accessible to this user")
     else:
-        try:
-            accel = _probe_kvm(qemu, *guest())
-        except SessionManagerError as e:
-            return Accel("tcg", f"KVM could not be probed ({e})")  # not cached: try again next time
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps({"key": key, "name": accel.name, "reason": accel.reason}))
+        accel = probe(qemu, "kvm")
+    with contextlib.suppress(OSError):  # an unwritable cache only costs the next start another probe
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "name": accel.name, "reason": accel.reason}))
+        os.replace(tmp, cache_file)
     return accel
 
 
-def _probe_kvm(qemu: Qemu, kernel: Path, initrd: Path) -> Accel:
+PROBE_SECONDS = 1.5
+PROBE_EXITS = 4000
+PROBE_MARK = b"sm-kvm-ok"
+
+
+def probe_image() -> bytes:
+    """A 1 MiB raw disk whose boot sector (16-bit real mode) writes PROBE_EXITS times to port 0x80, each one an
+    exit from the guest to QEMU, then PROBE_MARK and a newline to COM1, and halts."""
+    code = bytes.fromhex(
+        "ba8000"                              # mov dx, 0x80
+        + "b9" + PROBE_EXITS.to_bytes(2, "little").hex()  # mov cx, PROBE_EXITS
+        + "ee" "e2fd"                         # out dx, al; loop (back to the out)
+        "baf803"                              # mov dx, 0x3f8 (COM1)
+        "be1c7c"                              # mov si, 0x7c1c (the mark, below)
+        "fc" "ac" "84c0" "7403" "ee" "ebf8"   # cld; next: lodsb; test al, al; jz done; out dx, al; jmp next
+        "fa" "f4" "ebfd"                      # done: cli; hlt; jmp back to the hlt
+    )
+    assert len(code) == 0x1c
+    return (code + PROBE_MARK + b"\n\0").ljust(510, b"\0") + b"\x55\xaa" + bytes((1 << 20) - 512)
+
+
+def probe(qemu: Qemu, accel: str) -> Accel:
+    """``accel`` if the probe guest runs under it in time, else TCG with the reason."""
     with tempfile.TemporaryDirectory(prefix="sm-kvm-probe-") as tmp:
-        serial = Path(tmp) / "serial.log"
+        serial, disk, errors = Path(tmp) / "serial.log", Path(tmp) / "probe.img", Path(tmp) / "stderr"
+        disk.write_bytes(probe_image())
         argv = [
-            qemu.system, "-accel", "kvm", "-machine", "q35", "-m", "128", "-nodefaults",
-            "-display", "none", "-no-reboot", "-serial", f"file:{serial}",
-            "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", "console=ttyS0 panic=-1",
+            *qemu.command, "-accel", accel, "-machine", "q35", "-m", "16", "-nodefaults", "-display", "none",
+            "-no-reboot", "-serial", f"file:{serial}", "-drive", f"file={disk},format=raw,if=ide,snapshot=on",
         ]
         start = time.monotonic()
-        errors = Path(tmp) / "stderr"
         with open(errors, "wb") as err:
             proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
         try:
             while time.monotonic() - start < PROBE_SECONDS:
                 if proc.poll() is not None:
                     break
-                if serial.exists() and b"ready" in serial.read_bytes():
-                    return Accel("kvm", f"a test guest booted under KVM in {time.monotonic() - start:.1f} s")
-                time.sleep(0.1)
+                if serial.exists() and PROBE_MARK in serial.read_bytes():
+                    return Accel(accel, f"a probe guest ran under {accel.upper()} in {time.monotonic() - start:.2f} s")
+                time.sleep(0.01)
             else:
-                return Accel("tcg", f"a test guest did not boot under KVM within {PROBE_SECONDS:.0f} s")
+                return Accel("tcg", f"a probe guest did not finish under {accel.upper()} within {PROBE_SECONDS} s, so "
+                                    f"it is too slow here to run a desktop (nested virtualisation?)")
             lines = errors.read_text(errors="replace").strip().splitlines()
-            return Accel("tcg", f"QEMU could not use KVM: {lines[-1] if lines else 'exit ' + str(proc.returncode)}")
+            return Accel("tcg", f"QEMU could not use {accel.upper()}: "
+                                f"{lines[-1] if lines else 'exit ' + str(proc.returncode)}")
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -173,7 +254,7 @@ def command_line(
         "file": {"driver": "file", "filename": str(top_layer)},
     }
     argv = [
-        qemu.system,
+        *qemu.command,
         "-name", f"{config.name},process=session-manager:{config.name}",
         "-machine", f"{config.machine},accel={accel}",
         "-m", f"{config.memory_mib}M",

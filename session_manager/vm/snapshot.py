@@ -5,10 +5,16 @@ Capture (a live checkpoint)::
     1. create the next overlay file and blockdev-add it (guest still running)
     2. stop                      -- the instant the checkpoint is of
     3. blockdev-snapshot         -- the disk freezes: the old top becomes read-only
-    4. migrate fd:sm-checkpoint  -- with background-snapshot QEMU resumes the guest
-                                    itself and write-protects RAM (userfaultfd),
-                                    so memory is saved as it was at step 2
-    5. the stream is read from a pipe by ``consume`` while the guest runs on
+    4. migrate fd:sm-checkpoint  -- with background-snapshot QEMU saves the device
+                                    state, write-protects RAM (userfaultfd) and then
+                                    restores the run state the guest had when it
+                                    began: QEMU 7.2 always resumes the guest, 8.0 and
+                                    later leave it paused, since we stopped it
+    5. once RAM pages flow (so QEMU is past that point), cont if it is still paused;
+                                    memory is saved as it was at step 2
+    6. the stream is read from a pipe by ``consume`` while the guest runs on
+
+The pause reported is what an observer sees: from our ``stop`` until the guest is seen running.
 
 Without userfaultfd (ordinary users on Debian/Ubuntu until the sysctl is set)
 step 4 is a plain migration of the stopped guest, which is then continued: the
@@ -48,14 +54,10 @@ class Capture:
     live: bool  # background-snapshot (True) or stop-and-copy (False)
     frozen_layer: str  # the overlay that now holds the checkpoint's disk
     active_layer: str  # the overlay the guest writes to from now on
-    downtime_ms: float  # what QEMU reports
-    held_ms: float  # how long we kept the guest stopped ourselves
+    pause_ms: float  # from our stop until the guest was seen running again
+    downtime_ms: float  # what QEMU reports: its own part of that pause
     wall_s: float
     stream_bytes: int
-
-    @property
-    def pause_ms(self) -> float:
-        return self.downtime_ms + self.held_ms
 
 
 async def active_layer(machine: Machine) -> str:
@@ -152,7 +154,8 @@ async def capture(
         await machine.run("migrate", {"uri": "fd:sm-checkpoint"})
         streaming = True
         if live:
-            resumed_at = time.monotonic()  # QEMU resumes the guest itself
+            await _resume_after_device_state(machine)
+            resumed_at = time.monotonic()
         on_layer_switched(new)
         log.info("checkpoint: streaming memory (%s)", "live" if live else "stop-and-copy")
         info = await _wait_migration(machine, "checkpoint", consumer)
@@ -183,11 +186,28 @@ async def capture(
         live=live,
         frozen_layer=old,
         active_layer=new,
+        pause_ms=(resumed_at - stopped_at) * 1000,
         downtime_ms=float(info.get("downtime", 0)),
-        held_ms=(resumed_at - stopped_at) * 1000,
         wall_s=time.monotonic() - started,
         stream_bytes=relay.total,
     ), result
+
+
+async def _resume_after_device_state(machine: Machine) -> None:
+    """Make sure the guest runs again once a background snapshot has saved the device state and write-protected RAM.
+
+    QEMU resumes the guest (7.2) or leaves it paused (8.0 and later, which restore the run state it had at the
+    start) in a bottom half scheduled just before it sends the first RAM page; a ``cont`` before that point would
+    let the guest run ahead of the memory being saved, so wait for pages (or the end), then ``cont`` if needed."""
+    while True:
+        info = await machine.run("query-migrate")
+        ram = info.get("ram") or {}
+        if info.get("status") not in ("setup", "active") or ram.get("normal", 0) + ram.get("duplicate", 0) > 0:
+            break
+    if info.get("status") in ("failed", "cancelled"):
+        raise QemuError(f"QEMU's checkpoint stream {info['status']}: {info.get('error-desc', 'no reason given')}.")
+    if await machine.status() == RunState.PAUSED:
+        await machine.run("cont")
 
 
 async def load(machine: Machine, chunks: Iterable[bytes]) -> float:
