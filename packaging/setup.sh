@@ -7,8 +7,17 @@ cd "$(dirname "$0")/.."
 mode=${1:-run}
 case "$mode" in run|test) ;; *) echo "usage: $0 run|test" >&2; exit 2 ;; esac
 
-sudo=""
-[ "$(id -u)" -eq 0 ] || sudo=sudo
+# As root nothing needs sudo; otherwise sudo is used only when something must be installed, and if it is missing
+# or refused, the user is told what to ask an administrator for.
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null; then
+        sudo "$@"
+    else
+        return 127
+    fi
+}
 
 # Debian packages: QEMU, a Python that can make virtual environments, and what Qt loads on X11/Wayland.
 apt_packages=(qemu-system-x86 qemu-utils python3-venv
@@ -23,14 +32,20 @@ missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
 done
-# The test guest is built from Debian's kernel and busybox packages (apt-get download): the
-# package lists must know them.
-if [ ${#missing[@]} -gt 0 ] || ! apt-cache show linux-image-amd64 busybox-static >/dev/null 2>&1; then
-    $sudo apt-get update -q
-fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "Installing Debian packages: ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+    if ! { as_root apt-get update -q && DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q --no-install-recommends "${missing[@]}"; }; then
+        echo "setup.sh: these Debian packages are missing and could not be installed without an administrator:" >&2
+        echo "  ${missing[*]}" >&2
+        echo "Ask one to run: sudo apt-get install ${missing[*]}; then run $0 $mode again." >&2
+        exit 1
+    fi
+fi
+# The test guest (the demo, the tests) is built from Debian's kernel and busybox packages (apt-get download):
+# the package lists must know them.
+if ! apt-cache show linux-image-amd64 busybox-static >/dev/null 2>&1; then
+    as_root apt-get update -q || echo "The package lists do not know linux-image-amd64 and busybox-static, which" \
+        "the demo session is built from, and could not be updated without an administrator."
 fi
 
 # The Python environment.
@@ -45,14 +60,29 @@ extras=""
 if [ "$(id -u)" -ne 0 ] && [ "$mode" = run ] \
    && [ "$(cat /proc/sys/vm/unprivileged_userfaultfd 2>/dev/null || echo 0)" != 1 ]; then
     echo "Live checkpoints need userfaultfd, which this system allows only to root."
-    echo "Installing /etc/sysctl.d/60-session-manager.conf (vm.unprivileged_userfaultfd=1) with sudo;"
-    echo "without it every checkpoint pauses your session while its memory is copied."
-    $sudo install -m 0644 packaging/sysctl.d/60-session-manager.conf /etc/sysctl.d/60-session-manager.conf
-    $sudo sysctl -q -p /etc/sysctl.d/60-session-manager.conf
+    echo "Installing /etc/sysctl.d/60-session-manager.conf (vm.unprivileged_userfaultfd=1) with sudo..."
+    if ! { as_root install -m 0644 packaging/sysctl.d/60-session-manager.conf /etc/sysctl.d/60-session-manager.conf \
+           && as_root sysctl -q -p /etc/sysctl.d/60-session-manager.conf; }; then
+        echo "Not done: sudo is missing here or was refused. Checkpoints still work, but each one pauses your session while its memory"
+        echo "is copied (about a second per GB) instead of a few milliseconds. To get live checkpoints, ask an"
+        echo "administrator to run: sudo install -m 0644 $PWD/packaging/sysctl.d/60-session-manager.conf /etc/sysctl.d/ && sudo sysctl --system"
+    fi
 fi
 
 if [ "$mode" = test ]; then
-    exec .venv/bin/python -m pytest -ra tests
+    # Everything on the system's QEMU, then the tests that run QEMU again on a current one: on Debian 12, whose
+    # QEMU is 7.2, the 10.0 of its backports, unpacked beside the project (packaging/newer-qemu.sh).
+    status=0
+    .venv/bin/python -m pytest -ra tests || status=$?
+    system=$(qemu-system-x86_64 --version | sed -n 's/.*version \([0-9]*\)\..*/\1/p;q')
+    if [ "$system" -lt 8 ]; then
+        newer=$(packaging/newer-qemu.sh "$PWD/.cache/qemu-backports")
+        echo "The tests that run QEMU, again on $("$newer" --version | head -1)"
+        SESSION_MANAGER_QEMU=$newer .venv/bin/python -m pytest -ra -m qemu tests || status=$?
+    else
+        echo "The system's QEMU is current (version $system), so the tests ran on it alone."
+    fi
+    exit $status
 fi
 # The demo session when there is none yet, then the app (headless: the session runs and the CLI drives it).
 if [ "$(.venv/bin/session-manager list --json)" = "[]" ]; then

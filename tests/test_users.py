@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Sm
+from conftest import GUEST_CACHE, ROOT, Sm
 
 pytestmark = [
     pytest.mark.qemu,
@@ -101,3 +102,41 @@ def test_ordinary_user_with_userfaultfd_gets_live_checkpoints(user_sm: UserSm, g
     c = user_sm("checkpoints", "u", "--json").json()[-1]
     assert c["meta"]["live"] is True
     assert c["meta"]["pause_ms"] > 0  # measured and recorded
+
+
+def test_setup_goes_on_without_sudo_and_starts_the_demo(user_sm: UserSm) -> None:
+    """`packaging/setup.sh run` as an ordinary user who may not use sudo (it is missing here, or refuses someone not
+    in sudoers): with the packages already there nothing needs it; the userfaultfd step says what is lost and
+    how to get it, and the demo session starts."""
+    SYSCTL.write_text("0\n")
+    top = user_sm.home.parent
+    repo, home = top / "repo", top / "user-home"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, files):
+        (repo / name.decode()).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name.decode(), repo / name.decode())
+    # The demo's kernel and busybox packages, as setup.sh's own first run would have downloaded them.
+    shutil.copytree(GUEST_CACHE / "cache", home / ".cache" / "session-manager" / "testguest" / "cache")
+    subprocess.run(["chown", "-R", USER, str(repo), str(home)], check=True)
+    as_user = ["runuser", "-u", USER, "--", "env", "-i", f"HOME={home}", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+               "SESSION_MANAGER_ACCEL=tcg", *([f"SESSION_MANAGER_QEMU={os.environ['SESSION_MANAGER_QEMU']}"]
+                                              if "SESSION_MANAGER_QEMU" in os.environ else [])]
+    # Its virtual environment, made beforehand with the system's Python and given this one's packages (a .pth
+    # file), so that pip finds every dependency installed and setup.sh downloads only its build backend.
+    subprocess.run([*as_user, "python3", "-m", "venv", str(repo / ".venv")], check=True)
+    site = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_relative_to(ROOT))
+    pth = next((repo / ".venv" / "lib").glob("python3*/site-packages")) / "session-manager-test.pth"
+    pth.write_text(site + "\n")
+    try:
+        run = subprocess.run([*as_user, "bash", str(repo / "packaging" / "setup.sh"), "run"], capture_output=True,
+                             text=True, timeout=600)
+        out = run.stdout + run.stderr
+        assert run.returncode == 0, out
+        assert "Not done: sudo is missing here or was refused" in out and "ask an\nadministrator" in out, out
+        assert "Installing Debian packages" not in out
+        listed = subprocess.run([*as_user, str(repo / ".venv" / "bin" / "session-manager"), "list", "--json"],
+                                capture_output=True, text=True, check=True).stdout
+        assert [(s["name"], s["state"]) for s in json.loads(listed)] == [("demo", "running")]
+    finally:
+        subprocess.run([*as_user, str(repo / ".venv" / "bin" / "session-manager"), "stop", "demo", "--no-save"],
+                       capture_output=True)
