@@ -1,6 +1,10 @@
-"""Checkpoint benchmark: session-manager against QEMU's own ways, in one run, on the test guest.
+"""Checkpoint benchmark: session-manager against QEMU's own ways, in one run, on the test guest, on each QEMU.
 
     .venv/bin/python benchmarks/checkpoint.py [--memory 1536] [--fill 1200] [--dirty 4] [--window 32] [--gap 10]
+                                              [--qemu PATH]...
+
+Each ``--qemu`` (default: the system's, and packaging/newer-qemu.sh's in .cache/qemu-backports when it is there)
+gets the whole run, and the table has its columns side by side.
 
 Prints Markdown tables (paste them into docs/benchmarks.md):
 - guest pause and wall time of our live checkpoint vs HMP ``savevm``, QMP ``snapshot-save`` and a
@@ -26,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import guest_arguments, machine_line, wait_serial  # noqa: E402
+from benchmarks.common import default_qemus, guest_arguments, machine_line, print_table, wait_serial  # noqa: E402
 from session_manager.cli import _setup_logging  # noqa: E402
 from session_manager.engine import Engine  # noqa: E402
 from session_manager.paths import Home  # noqa: E402
@@ -34,7 +38,7 @@ from session_manager.store.repo import Repository  # noqa: E402
 from session_manager.testguest import build  # noqa: E402
 from session_manager.vm import disk as vdisk  # noqa: E402
 from session_manager.vm.machine import Machine, Sockets, launch, wait_exit  # noqa: E402
-from session_manager.vm.qemu import command_line, find_qemu  # noqa: E402
+from session_manager.vm.qemu import command_line, find_qemu, qemu_path  # noqa: E402
 from session_manager.vm.snapshot import active_layer, node_name  # noqa: E402
 from session_manager.vm.stream import iter_segments  # noqa: E402
 
@@ -87,130 +91,40 @@ def main() -> None:
     ap.add_argument("--gap", type=float, default=10, help="seconds between the two checkpoints")
     a = ap.parse_args()
     os.environ.setdefault("SESSION_MANAGER_ACCEL", "tcg")
-
-    work = Path(tempfile.mkdtemp(prefix="sm-bench-", dir=os.environ.get("BENCH_DIR")))
-    home_dir = work / "home"
-    engine = Engine(Home.locate(home_dir))
-    _setup_logging(engine.home, verbose=False)
-    kernel, initrd = build(ROOT / ".cache" / "testguest")
-    append = f"console=ttyS0 quiet sm.fill={a.fill} sm.dirty={a.dirty} sm.window={a.window}"
-    engine.new_session("bench", kernel=kernel, initrd=initrd, append=append, memory_mib=a.memory, cpus=1,
-                       disk_size=1 << 30)
-    session = engine.session("bench")
-    asyncio.run(engine.start("bench"))
-    print(f"filling {a.fill} MiB in the guest...", file=sys.stderr)
-    wait_serial(session.serial_log, r"^ready")
-    wait_serial(session.serial_log, r"^counter 3")
-
-    c1, c1_wall, c1_rss = cli(home_dir, "checkpoint", "bench", "-m", "first")
-    time.sleep(a.gap)
-    c2, c2_wall, c2_rss = cli(home_dir, "checkpoint", "bench", "-m", "second")
-
-    raw = work / "raw.stream"
-    sockets = Sockets(session.runtime)
-
-    async def baselines() -> dict:
-        r: dict = {}
-        async with Machine.connect(sockets) as m:
-            await m.run("migrate-set-capabilities",
-                        {"capabilities": [{"capability": "background-snapshot", "state": True}]})
-            t = time.monotonic()
-            await m.run("migrate", {"uri": f"exec:cat > {raw}"})
-            info = await wait_migrated(m)
-            r["raw_wall"], r["raw_downtime"] = time.monotonic() - t, info.get("downtime", 0)
-            await m.run("migrate-set-capabilities",
-                        {"capabilities": [{"capability": "background-snapshot", "state": False}]})
-            top = session.layer_path(await active_layer(m))
-            before = allocated(top)
-            t = time.monotonic()
-            await m.run("human-monitor-command", {"command-line": "savevm bench-savevm"})
-            r["savevm_pause"], r["savevm_growth"] = time.monotonic() - t, allocated(top) - before
-            node = node_name(top.name)
-            t = time.monotonic()
-            await m.run("snapshot-save", {"job-id": "save", "tag": "bench-job", "vmstate": node, "devices": [node]})
-            await wait_job(m, "save")
-            r["job_pause"] = time.monotonic() - t
-        return r
-
-    b = asyncio.run(baselines())
-
-    # Ingest replay: the same raw stream into a fresh repository, vs copying it with cat.
-    t = time.monotonic()
-    subprocess.run(f"cat {raw} > {work / 'copy.stream'}", shell=True, check=True)
-    os.sync()
-    cat_s = time.monotonic() - t
-    (work / "copy.stream").unlink()
-    repo2 = Repository.open(work / "replay-repo", create=True)
-    t = time.monotonic()
-    with open(raw, "rb", buffering=0) as f, repo2.writer(session="replay") as w:
-        w.add_memory(iter_segments(f.read))
-        w.commit({"kind": "benchmark"})
-    os.sync()
-    ingest_s = time.monotonic() - t
-    raw_bytes = raw.stat().st_size
-
-    # Restore: ours (verify + new QEMU + regenerated stream) vs stock QEMU loading the raw file.
-    t = time.monotonic()
-    asyncio.run(engine.restore("bench", c2["id"], discard_current=True))
-    ours_restore = time.monotonic() - t
-    log = engine.home.log_file.read_text() if engine.home.log_file.exists() else ""
-    verify_s = float(re.findall(r"verified checkpoint \w+ in ([\d.]+) s", log)[-1])
-    load_s = float(re.findall(r"stream loaded in ([\d.]+) s", log)[-1])
-    asyncio.run(engine.stop("bench", save=False))
-
-    async def raw_load() -> float:
-        rt = Sockets(work / "rawrun")
-        rt.runtime.mkdir(mode=0o700)
-        top = work / "raw-top.qcow2"
-        vdisk.create_overlay(top, session.layer_path(c2["meta"]["disk_layer"]), "qcow2", 1 << 30)
-        argv = command_line(find_qemu(), session.load_config(), accel=os.environ["SESSION_MANAGER_ACCEL"],
-                            top_layer=top, sockets=rt, serial_log=work / "raw-serial.log")
-        argv[argv.index("-vnc") + 1] = f"unix:{rt.vnc}"
-        t0 = time.monotonic()
-        await launch(argv + ["-incoming", f"exec:cat {raw}"], rt, work / "raw-qemu.log")
-        async with Machine.connect(rt) as m:
-            await wait_migrated(m)
-            elapsed = time.monotonic() - t0
-            pid = rt.pid()
-            await m.quit()
-            await wait_exit(pid)
-        return elapsed
-
-    raw_restore = asyncio.run(raw_load())
-
-    engine_repo = engine.repo
-    regen_t = time.monotonic()
-    regen = sum(len(c) for c in engine_repo.memory_stream(engine_repo.get(c2["id"])))
-    regen_s = time.monotonic() - regen_t
-
-    print(f"\n{machine_line()}")
-    print(f"Guest: {a.memory} MiB RAM, {a.fill} MiB random-filled, re-dirtying {a.dirty} MiB/s in a {a.window} MiB "
-          f"window; checkpoints {a.gap:.0f} s apart.\n")
-    print("| what | session-manager | QEMU baseline | ratio |")
-    print("|---|---|---|---|")
+    results = []
+    for path in a.qemu or default_qemus():
+        os.environ["SESSION_MANAGER_QEMU"] = path
+        print(f"measuring with {find_qemu(path).describe()}...", file=sys.stderr)
+        results.append((find_qemu(path).version_text, measure(a)))
     m1, m2 = c1["meta"], c2["meta"]
-    print(f"| guest pause, 1st checkpoint | {m1['pause_ms']:.1f} ms (QEMU downtime {m1['downtime_ms']:.0f} ms "
-          f"+ held {m1['held_ms']:.1f} ms) | savevm {b['savevm_pause'] * 1000:.0f} ms; snapshot-save "
-          f"{b['job_pause'] * 1000:.0f} ms | {m1['pause_ms'] / (b['savevm_pause'] * 1000):.4f}× savevm |")
-    print(f"| guest pause, 2nd checkpoint | {m2['pause_ms']:.1f} ms (QEMU downtime {m2['downtime_ms']:.0f} ms "
-          f"+ held {m2['held_ms']:.1f} ms) | | |")
-    print(f"| checkpoint wall time (1st, in-process) | {m1['wall_s']:.2f} s | migrate exec:cat > file "
-          f"{b['raw_wall']:.2f} s | {m1['wall_s'] / b['raw_wall']:.2f}× |")
-    print(f"| checkpoint wall time (2nd, in-process) | {m2['wall_s']:.2f} s | | {m2['wall_s'] / b['raw_wall']:.2f}× |")
-    print(f"| checkpoint command, end to end (1st / 2nd) | {c1_wall:.2f} s / {c2_wall:.2f} s | | |")
-    print(f"| stored bytes, 1st checkpoint | {c1['added_bytes'] / MiB:.1f} MiB | raw stream {raw_bytes / MiB:.1f} MiB;"
-          f" savevm qcow2 growth {b['savevm_growth'] / MiB:.1f} MiB | {c1['added_bytes'] / raw_bytes:.2f}× raw |")
+    rows.append(("guest pause, 1st checkpoint (of which QEMU's downtime)",
+                 f"{m1['pause_ms']:.1f} ms ({m1['downtime_ms']:.0f} ms)",
+                 f"savevm {b['savevm_pause'] * 1000:.0f} ms; snapshot-save {b['job_pause'] * 1000:.0f} ms",
+                 f"{m1['pause_ms'] / (b['savevm_pause'] * 1000):.4f}× savevm"))
+    rows.append(("guest pause, 2nd checkpoint (of which QEMU's downtime)",
+                 f"{m2['pause_ms']:.1f} ms ({m2['downtime_ms']:.0f} ms)",
+                 f"background snapshot, 3rd: downtime {b['raw_downtime']:.0f} ms", ""))
+    rows.append(("checkpoint wall time (1st, in-process)", f"{m1['wall_s']:.2f} s",
+                 f"migrate exec:cat > file {b['raw_wall']:.2f} s", f"{m1['wall_s'] / b['raw_wall']:.2f}×"))
+    rows.append(("checkpoint wall time (2nd, in-process)", f"{m2['wall_s']:.2f} s", "",
+                 f"{m2['wall_s'] / b['raw_wall']:.2f}×"))
+    rows.append(("checkpoint command, end to end (1st / 2nd)", f"{c1_wall:.2f} s / {c2_wall:.2f} s", "", ""))
+    rows.append(("stored bytes, 1st checkpoint", f"{c1['added_bytes'] / MiB:.1f} MiB",
+                 f"raw stream {raw_bytes / MiB:.1f} MiB; savevm qcow2 growth {b['savevm_growth'] / MiB:.1f} MiB",
+                 f"{c1['added_bytes'] / raw_bytes:.2f}× raw"))
     dirtied = min(a.dirty * a.gap, a.window)
-    print(f"| stored bytes, 2nd checkpoint | {c2['added_bytes'] / MiB:.1f} MiB | at most {dirtied:.0f} MiB of pages "
-          f"dirtied | {c2['added_bytes'] / MiB / dirtied:.2f}× dirtied |")
-    print(f"| ingest of the raw stream (replay) | {raw_bytes / ingest_s / MiB:.0f} MiB/s | cat > file "
-          f"{raw_bytes / cat_s / MiB:.0f} MiB/s | {cat_s / ingest_s:.2f}× |")
-    print(f"| restore (verify, start QEMU, load, run) | {ours_restore:.2f} s | stock QEMU -incoming exec:cat file "
-          f"{raw_restore:.2f} s | {ours_restore / raw_restore:.2f}× |")
-    print(f"| … of which verification / streaming into QEMU | {verify_s:.2f} s / {load_s:.2f} s | | |")
-    print(f"| regenerate the stream from the repository | {regen / regen_s / MiB:.0f} MiB/s | | |")
-    print(f"| peak RSS of the checkpoint command (1st / 2nd) | {c1_rss / MiB:.0f} / {c2_rss / MiB:.0f} MiB | | |")
+    rows.append(("stored bytes, 2nd checkpoint", f"{c2['added_bytes'] / MiB:.1f} MiB",
+                 f"at most {dirtied:.0f} MiB of pages dirtied", f"{c2['added_bytes'] / MiB / dirtied:.2f}× dirtied"))
+    rows.append(("ingest of the raw stream (replay)", f"{raw_bytes / ingest_s / MiB:.0f} MiB/s",
+                 f"cat > file {raw_bytes / cat_s / MiB:.0f} MiB/s", f"{cat_s / ingest_s:.2f}×"))
+    rows.append(("restore (verify, start QEMU, load, run)", f"{ours_restore:.2f} s",
+                 f"stock QEMU -incoming exec:cat file {raw_restore:.2f} s", f"{ours_restore / raw_restore:.2f}×"))
+    rows.append(("… of which verification / streaming into QEMU", f"{verify_s:.2f} s / {load_s:.2f} s", "", ""))
+    rows.append(("regenerate the stream from the repository", f"{regen / regen_s / MiB:.0f} MiB/s", "", ""))
+    rows.append(("peak RSS of the checkpoint command (1st / 2nd)", f"{c1_rss / MiB:.0f} / {c2_rss / MiB:.0f} MiB",
+                 "", ""))
     subprocess.run(["rm", "-rf", str(work)])
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Live-migration benchmark: our migration (TLS, NBD disk mirror) against QEMU's plain migration, in one run.
 
-    .venv/bin/python benchmarks/migration.py [--memory 1536] [--fill 1200] [--dirty 4] [--window 32]
+    .venv/bin/python benchmarks/migration.py [--memory 1536] [--fill 1200] [--dirty 4] [--window 32] [--qemu PATH]...
                                              [--limits 300,50]
 
 Two test guests in turn, on loopback: an idle one (sm.dirty=0) and one that re-dirties ``--dirty`` MiB/s in a
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-from benchmarks.common import guest_arguments, machine_line, wait_serial  # noqa: E402
+from benchmarks.common import default_qemus, guest_arguments, machine_line, print_table, wait_serial  # noqa: E402
 from qemu_tls import self_signed, tls_dir  # noqa: E402
 from session_manager.cli import _setup_logging  # noqa: E402
 from session_manager.engine import Engine  # noqa: E402
@@ -51,7 +51,7 @@ from session_manager.vm.migrate import (  # noqa: E402
     prepare_incoming,
     resume_source,
 )
-from session_manager.vm.qemu import command_line, find_qemu  # noqa: E402
+from session_manager.vm.qemu import command_line, find_qemu, qemu_path  # noqa: E402
 
 MB = 1e6
 
@@ -90,7 +90,7 @@ class Bench:
         self.n += 1
         rt = Sockets(self.work / f"{self.name}-d{self.n}")
         rt.runtime.mkdir(mode=0o700)
-        argv = command_line(find_qemu(), self.session.load_config(), accel=os.environ["SESSION_MANAGER_ACCEL"],
+        argv = command_line(find_qemu(qemu_path()), self.session.load_config(), accel=os.environ["SESSION_MANAGER_ACCEL"],
                             top_layer=disk, sockets=rt, serial_log=rt.runtime / "serial.log", incoming=True,
                             paused=True)
         return rt, await launch(argv, rt, rt.runtime / "qemu.log")
@@ -172,16 +172,30 @@ def main() -> None:
     guest_arguments(ap, "MiB/s the busy guest re-dirties")
     ap.add_argument("--limits", default="300,50", help="downtime-limit values (ms) to run, comma-separated")
     a = ap.parse_args()
-    limits = [int(x) for x in a.limits.split(",")]
     os.environ.setdefault("SESSION_MANAGER_ACCEL", "tcg")
+    load_start = os.getloadavg()[0]
+    results = []
+    for path in a.qemu or default_qemus():
+        os.environ["SESSION_MANAGER_QEMU"] = path
+        print(f"measuring with {find_qemu(path).describe()}...", file=sys.stderr)
+        results.append((find_qemu(path).version_text, measure(a, [int(x) for x in a.limits.split(",")])))
+    print(f"\n{machine_line([v for v, _ in results])}")
+    print(f"Guest: {a.memory} MiB RAM, {a.fill} MiB random-filled; idle (sm.dirty=0) or re-dirtying {a.dirty} MiB/s "
+          f"in a {a.window} MiB window. Loopback, max-bandwidth unlimited on both sides. session-manager: TLS + NBD "
+          f"disk mirror; baseline: QEMU's plain `migrate tcp:` with a shared disk. Load average (1 min) "
+          f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.\n")
+    print_table(results)
 
+
+def measure(a: argparse.Namespace, limits: list[int]) -> list[tuple[str, str, str, str]]:
+    """Every guest and limit, ours and the baseline, on the QEMU that $SESSION_MANAGER_QEMU names: rows of (what,
+    ours, baseline, ratio)."""
     work = Path(tempfile.mkdtemp(prefix="sm-mig-", dir=os.environ.get("BENCH_DIR")))
     engine = Engine(Home.locate(work / "home"))
     _setup_logging(engine.home, verbose=False)
     kernel, initrd = build(ROOT / ".cache" / "testguest")
     src, dst = self_signed("source"), self_signed("destination")
     tls_src, tls_dst = tls_dir(work / "tls-src", src, dst[0]), tls_dir(work / "tls-dst", dst, src[0])
-    load_start = os.getloadavg()[0]
 
     rows: list[Row] = []
     guests = [("idle", 0, 0), ("re-dirtying", a.dirty, a.window)]
@@ -206,27 +220,24 @@ def main() -> None:
                 raise SystemExit(f"the {guest} guest reported a disk mismatch")
         finally:
             asyncio.run(engine.stop(name, save=False))
+    subprocess.run(["rm", "-rf", str(work)])
 
-    print(f"\n{machine_line()}")
-    print(f"Guest: {a.memory} MiB RAM, {a.fill} MiB random-filled; idle (sm.dirty=0) or re-dirtying {a.dirty} MiB/s "
-          f"in a {a.window} MiB window. Loopback, max-bandwidth unlimited on both sides. Load average (1 min) "
-          f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.\n")
-    print("| guest, downtime-limit | session-manager: TLS + NBD disk mirror | QEMU plain `migrate tcp:` "
-          "(baseline, shared disk) | ratio |")
-    print("|---|---|---|---|")
+    table: list[tuple[str, str, str, str]] = []
     for guest, _, _ in guests:
         for limit in limits:
             o = next(r for r in rows if r.guest == guest and r.limit_ms == limit and r.who == "ours")
             p = next(r for r in rows if r.guest == guest and r.limit_ms == limit and r.who == "baseline")
-            print(f"| {guest}, {limit} ms: downtime | {o.downtime_ms:.0f} ms (+ {o.handoff_ms:.0f} ms until the "
-                  f"destination runs) | {p.downtime_ms:.0f} ms | {o.downtime_ms / max(p.downtime_ms, 1):.2f}× |")
-            print(f"| {guest}, {limit} ms: total time | {o.total_s:.2f} s ({o.passes} RAM passes) | "
-                  f"{p.total_s:.2f} s ({p.passes} RAM passes) | {o.total_s / p.total_s:.2f}× |")
-            print(f"| {guest}, {limit} ms: bytes sent | {(o.disk_bytes + o.ram_bytes) / MB:.0f} MB (disk "
-                  f"{o.disk_bytes / MB:.1f} MB + memory {o.ram_bytes / MB:.0f} MB, on the wire, TLS included) | "
-                  f"{p.ram_bytes / MB:.0f} MB (memory; QEMU's ram transferred) | "
-                  f"{(o.disk_bytes + o.ram_bytes) / p.ram_bytes:.2f}× |")
-    subprocess.run(["rm", "-rf", str(work)])
+            table.append((f"{guest}, {limit} ms: downtime",
+                          f"{o.downtime_ms:.0f} ms (+ {o.handoff_ms:.0f} ms until the destination runs)",
+                          f"{p.downtime_ms:.0f} ms", f"{o.downtime_ms / max(p.downtime_ms, 1):.2f}×"))
+            table.append((f"{guest}, {limit} ms: total time", f"{o.total_s:.2f} s ({o.passes} RAM passes)",
+                          f"{p.total_s:.2f} s ({p.passes} RAM passes)", f"{o.total_s / p.total_s:.2f}×"))
+            table.append((f"{guest}, {limit} ms: bytes sent",
+                          f"{(o.disk_bytes + o.ram_bytes) / MB:.0f} MB (disk {o.disk_bytes / MB:.1f} MB + memory "
+                          f"{o.ram_bytes / MB:.0f} MB, on the wire, TLS included)",
+                          f"{p.ram_bytes / MB:.0f} MB (memory; QEMU's ram transferred)",
+                          f"{(o.disk_bytes + o.ram_bytes) / p.ram_bytes:.2f}×"))
+    return table
 
 
 if __name__ == "__main__":
