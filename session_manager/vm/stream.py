@@ -12,6 +12,11 @@ scripts/analyze-migration.py), for a background snapshot and for a plain precopy
     FULL 0x04 sections: the state of every device, then EOF 0x00,
     VMDESCRIPTION 0x06: be32 length + the JSON description of the device sections
 
+QEMU 10.0 writes the same, but for one command: a plain migration of a 10.0 machine type sends
+COMMAND 0x08, be16 11 (SWITCHOVER_START), be16 0 just before its last RAM section, which is kept
+with the bytes around it; any other command is refused.  Since 9.0 the "globalstate" section's
+100-byte run-state buffer holds the name in its first 32 bytes (see running_on_load).
+
 A page record is be64 (address | flags), then, unless flag CONTINUE says "same block as the
 record before", u8 length + the block's idstr; then one byte for ZERO, or the 4096-byte page
 for PAGE.  Measured on QEMU 7.2: a background snapshot sends every page once, in PART sections,
@@ -48,6 +53,10 @@ EOF, START, PART, END, FULL, SUBSECTION, VMDESCRIPTION, CONFIGURATION, COMMAND, 
     0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x7E)
 # RAM record flags (migration/ram.c); the low 12 bits of the be64 record header.
 F_ZERO, F_MEM_SIZE, F_PAGE, F_EOS, F_CONTINUE = 0x02, 0x04, 0x08, 0x10, 0x20
+# COMMAND MIG_CMD_SWITCHOVER_START (be16 11) with no data (be16 0): since QEMU 10.0 a precopy migration of a
+# machine type of 10.0 or later sends it before its last RAM section ("send-switchover-start"); it means
+# nothing to a stream at rest.
+SWITCHOVER_START = b"\x00\x0b\x00\x00"
 FLAG_MASK = PAGE_SIZE - 1
 RAM_VERSION = 4
 _FLAG_NAMES = {0x01: "FULL", 0x40: "XBZRLE", 0x80: "HOOK (RDMA)", 0x100: "COMPRESS_PAGE", 0x200: "MULTIFD_FLUSH"}
@@ -202,6 +211,9 @@ class _Splitter:
                     yield seg
                 yield from self.tail()
                 return
+            if kind == COMMAND and self.fill(5) and self.buf[self.pos + 1:self.pos + 5] == SWITCHOVER_START:
+                self.pos += 5  # kept as it is, with the bytes around it
+                continue
             if kind not in (START, PART, END):
                 if kind == COMMAND:
                     raise _fail("contains commands of postcopy, COLO or a return path",
@@ -393,8 +405,11 @@ class _Splitter:
 
 
 # The "globalstate" device section: FULL, be32 section id, u8 11 + idstr, be32 instance 0,
-# be32 version 1, then be32 size (strlen + 1) and a 100-byte runstate buffer.
-_GLOBALSTATE = re.compile(rb"\x04.{4}\x0bglobalstate\x00\x00\x00\x00\x00\x00\x00\x01(.{4})(paused\x00{94})", re.S)
+# be32 version 1, then be32 size (strlen + 1) and a 100-byte buffer: up to 7.2 the run state's
+# name, zero-padded; since 9.0 (migration/global_state.c) the name in its first 32 bytes, then
+# two bytes saying whether the guest was suspended (ACPI S3), then 66 unused zero bytes.
+_GLOBALSTATE = re.compile(rb"\x04.{4}\x0bglobalstate\x00\x00\x00\x00\x00\x00\x00\x01(.{4})(paused\x00{26})(.{68})",
+                          re.S)
 
 
 def running_on_load(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -402,8 +417,7 @@ def running_on_load(chunks: Iterator[bytes]) -> Iterator[bytes]:
 
     A checkpoint is taken of a stopped guest, so its stream says "paused" and a QEMU loading
     it stays paused until told ``cont``.  An exported stream must resume by itself in a stock
-    QEMU: this rewrites the 100-byte run-state buffer in place (same length) and changes
-    nothing else.
+    QEMU: this rewrites the run state's name in place (same length) and changes nothing else.
     """
     carry = b""
     for chunk in chunks:
@@ -411,7 +425,7 @@ def running_on_load(chunks: Iterator[bytes]) -> Iterator[bytes]:
         m = _GLOBALSTATE.search(buf)
         if m:
             size = (len(b"running") + 1).to_bytes(4, "big")
-            yield buf[: m.start(1)] + size + b"running".ljust(100, b"\0") + buf[m.end(2):]
+            yield buf[: m.start(1)] + size + b"running".ljust(32, b"\0") + buf[m.end(2):]
             yield from chunks
             return
         keep = min(len(buf), 256)  # longer than the pattern: a match may straddle two chunks
