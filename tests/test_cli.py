@@ -35,7 +35,7 @@ def test_accelerator_probe_runs_a_guest_of_its_own(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "accelerator.json").read_text())["key"]["boot_id"] == boot_id()
     # The probe guest itself works: where it has time (TCG does not crawl), it says so.
     ran = probe(qemu, "tcg")
-    assert ran.name == "tcg" and "ran under TCG" in ran.reason, ran.reason
+    assert ran.name == "tcg" and "booted under TCG" in ran.reason, ran.reason
 
 
 def test_repository_commands(sm: Sm, guest: tuple[Path, Path]) -> None:
