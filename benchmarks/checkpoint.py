@@ -96,6 +96,110 @@ def main() -> None:
         os.environ["SESSION_MANAGER_QEMU"] = path
         print(f"measuring with {find_qemu(path).describe()}...", file=sys.stderr)
         results.append((find_qemu(path).version_text, measure(a)))
+    print(f"\n{machine_line([v for v, _ in results])}")
+    print(f"Guest: {a.memory} MiB RAM, {a.fill} MiB random-filled, re-dirtying {a.dirty} MiB/s in a {a.window} MiB "
+          f"window; checkpoints {a.gap:.0f} s apart.\n")
+    print_table(results)
+
+
+def measure(a: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    """One whole run on the QEMU that $SESSION_MANAGER_QEMU names: rows of (what, ours, baseline, ratio)."""
+    rows: list[tuple[str, str, str, str]] = []
+    work = Path(tempfile.mkdtemp(prefix="sm-bench-", dir=os.environ.get("BENCH_DIR")))
+    home_dir = work / "home"
+    engine = Engine(Home.locate(home_dir))
+    _setup_logging(engine.home, verbose=False)
+    kernel, initrd = build(ROOT / ".cache" / "testguest")
+    append = f"console=ttyS0 quiet sm.fill={a.fill} sm.dirty={a.dirty} sm.window={a.window}"
+    engine.new_session("bench", kernel=kernel, initrd=initrd, append=append, memory_mib=a.memory, cpus=1,
+                       disk_size=1 << 30)
+    session = engine.session("bench")
+    asyncio.run(engine.start("bench"))
+    print(f"filling {a.fill} MiB in the guest...", file=sys.stderr)
+    wait_serial(session.serial_log, r"^ready")
+    wait_serial(session.serial_log, r"^counter 3")
+
+    c1, c1_wall, c1_rss = cli(home_dir, "checkpoint", "bench", "-m", "first")
+    time.sleep(a.gap)
+    c2, c2_wall, c2_rss = cli(home_dir, "checkpoint", "bench", "-m", "second")
+
+    raw = work / "raw.stream"
+    sockets = Sockets(session.runtime)
+
+    async def baselines() -> dict:
+        r: dict = {}
+        async with Machine.connect(sockets) as m:
+            await m.run("migrate-set-capabilities",
+                        {"capabilities": [{"capability": "background-snapshot", "state": True}]})
+            t = time.monotonic()
+            await m.run("migrate", {"uri": f"exec:cat > {raw}"})
+            info = await wait_migrated(m)
+            r["raw_wall"], r["raw_downtime"] = time.monotonic() - t, info.get("downtime", 0)
+            await m.run("migrate-set-capabilities",
+                        {"capabilities": [{"capability": "background-snapshot", "state": False}]})
+            top = session.layer_path(await active_layer(m))
+            before = allocated(top)
+            t = time.monotonic()
+            await m.run("human-monitor-command", {"command-line": "savevm bench-savevm"})
+            r["savevm_pause"], r["savevm_growth"] = time.monotonic() - t, allocated(top) - before
+            node = node_name(top.name)
+            t = time.monotonic()
+            await m.run("snapshot-save", {"job-id": "save", "tag": "bench-job", "vmstate": node, "devices": [node]})
+            await wait_job(m, "save")
+            r["job_pause"] = time.monotonic() - t
+        return r
+
+    b = asyncio.run(baselines())
+
+    # Ingest replay: the same raw stream into a fresh repository, vs copying it with cat.
+    t = time.monotonic()
+    subprocess.run(f"cat {raw} > {work / 'copy.stream'}", shell=True, check=True)
+    os.sync()
+    cat_s = time.monotonic() - t
+    (work / "copy.stream").unlink()
+    repo2 = Repository.open(work / "replay-repo", create=True)
+    t = time.monotonic()
+    with open(raw, "rb", buffering=0) as f, repo2.writer(session="replay") as w:
+        w.add_memory(iter_segments(f.read))
+        w.commit({"kind": "benchmark"})
+    os.sync()
+    ingest_s = time.monotonic() - t
+    raw_bytes = raw.stat().st_size
+
+    # Restore: ours (verify + new QEMU + regenerated stream) vs stock QEMU loading the raw file.
+    t = time.monotonic()
+    asyncio.run(engine.restore("bench", c2["id"], discard_current=True))
+    ours_restore = time.monotonic() - t
+    log = engine.home.log_file.read_text() if engine.home.log_file.exists() else ""
+    verify_s = float(re.findall(r"verified checkpoint \w+ in ([\d.]+) s", log)[-1])
+    load_s = float(re.findall(r"stream loaded in ([\d.]+) s", log)[-1])
+    asyncio.run(engine.stop("bench", save=False))
+
+    async def raw_load() -> float:
+        rt = Sockets(work / "rawrun")
+        rt.runtime.mkdir(mode=0o700)
+        top = work / "raw-top.qcow2"
+        vdisk.create_overlay(top, session.layer_path(c2["meta"]["disk_layer"]), "qcow2", 1 << 30)
+        argv = command_line(find_qemu(qemu_path()), session.load_config(), accel=os.environ["SESSION_MANAGER_ACCEL"],
+                            top_layer=top, sockets=rt, serial_log=work / "raw-serial.log")
+        argv[argv.index("-vnc") + 1] = f"unix:{rt.vnc}"
+        t0 = time.monotonic()
+        await launch(argv + ["-incoming", f"exec:cat {raw}"], rt, work / "raw-qemu.log")
+        async with Machine.connect(rt) as m:
+            await wait_migrated(m)
+            elapsed = time.monotonic() - t0
+            pid = rt.pid()
+            await m.quit()
+            await wait_exit(pid)
+        return elapsed
+
+    raw_restore = asyncio.run(raw_load())
+
+    engine_repo = engine.repo
+    regen_t = time.monotonic()
+    regen = sum(len(c) for c in engine_repo.memory_stream(engine_repo.get(c2["id"])))
+    regen_s = time.monotonic() - regen_t
+
     m1, m2 = c1["meta"], c2["meta"]
     rows.append(("guest pause, 1st checkpoint (of which QEMU's downtime)",
                  f"{m1['pause_ms']:.1f} ms ({m1['downtime_ms']:.0f} ms)",
