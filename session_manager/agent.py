@@ -31,11 +31,13 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -57,7 +59,11 @@ from .peers import (
 log = logging.getLogger(__name__)
 
 MAX_LINE = 1 << 20  # bytes of one message
-TIMEOUT = 10.0  # seconds to connect, and to answer a hello
+TIMEOUT = 10.0  # seconds to connect, and to answer a hello; also what a caller not yet paired may stay silent
+MAX_CONNECTIONS = 256  # connections at once, in all ...
+MAX_PER_ADDRESS = 16  # ... and from one address
+MAX_PAIRING = 8  # pairing requests waiting at once (one per address)
+QUIET_SECONDS = 60.0  # a refusal from one address is logged once in this time
 KEEPALIVE = (5, 2, 5)  # TCP keepalive: idle seconds, probe interval, probes; a silent peer is dropped within ~15 s
 GO_AHEAD = b"\x00"  # the client's one byte before a relayed connection's raw bytes
 
@@ -79,6 +85,13 @@ class Call:
 
 
 Handler = Callable[[Call], Awaitable[Any]]
+
+
+def shown(value: object, limit: int = 64) -> str:
+    """Something from the network as it may be logged or printed: control characters and everything not ASCII
+    escaped (no forged log lines, no terminal escapes), at most ``limit`` characters."""
+    text = (value if isinstance(value, str) else repr(value)).encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _say(text: str, level: int = logging.INFO) -> None:
@@ -124,7 +137,8 @@ class Agent:
         self.name = installation_name()
         self.say = say
         self._handlers: dict[str, tuple[Handler, bool]] = {}
-        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        self._connections: dict[asyncio.Task[Any], tuple[str, asyncio.StreamWriter]] = {}
+        self._refused: dict[str, float] = {}  # address -> when a refusal from it was last logged
         self._tls = self._tls_context()
         self.register("hello", self._hello, public=True)
         self.register("pair", self._pair, public=True)
@@ -143,7 +157,7 @@ class Agent:
     async def close(self, server: asyncio.Server) -> None:
         """Stop listening and end every connection (calls under way are cancelled)."""
         server.close()
-        for writer in self._connections.values():
+        for _, writer in self._connections.values():
             writer.transport.abort()
         await asyncio.gather(*self._connections, return_exceptions=True)
         await server.wait_closed()
@@ -152,6 +166,9 @@ class Agent:
         """Run until SIGTERM or SIGINT."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        with contextlib.suppress(ValueError, OSError):  # room for every connection a flood may hold in its handshake
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
@@ -173,11 +190,46 @@ class Agent:
         self.say("Agent stopped.", logging.INFO)
 
     # -- one connection ------------------------------------------------------------------------------
+    # Every call there is, who may make it, and what it may touch here (its handler enforces it; the tests in
+    # tests/test_hostile_peer.py make each call as a paired peer with hostile arguments):
+    #
+    # | call                       | who               | may touch                                                    |
+    # |----------------------------|-------------------|--------------------------------------------------------------|
+    # | hello                      | anyone            | nothing: answers our name, id, fingerprint, version and      |
+    # |                            |                   | whether the caller is paired                                 |
+    # | pair                       | anyone            | files a pairing request for the user to accept               |
+    # | qemu-info                  | paired            | reads which QEMU would run an arriving session               |
+    # | migrate-in                 | paired            | creates a session under arrivals.py's rules (the receiver's  |
+    # |                            |                   | limits and boot directories, no listener of the caller's,    |
+    # |                            |                   | a name free here or of a session that came from or went to   |
+    # |                            |                   | the caller) and its QEMU, which takes the state from the     |
+    # |                            |                   | caller only (TLS pinned to its certificate)                  |
+    # | migrate-finish, -abort     | the paired caller | the session it is migrating here, nothing else               |
+    # |                            | that began it     |                                                              |
+    # | display                    | paired            | the screen, keyboard and mouse of a running session that     |
+    # |                            |                   | arrived from the caller; no other session                    |
+    # | repo-open                  | paired            | this home's repository: takes the caller's identity only     |
+    # |                            |                   | while it holds no checkpoints; keeps the caller's key only   |
+    # |                            |                   | where this computer keeps none for it (never replaces one)   |
+    # | repo-list, -sizes, -stat,  | paired            | reads objects of this home's repository, named as the        |
+    # | -load                      |                   | repository names them: nothing outside it                    |
+    # | repo-save                  | paired            | adds objects the repository lacks, never replaces one; at    |
+    # |                            |                   | most 16 half-sent at once, dropped when the connection ends  |
+    # | repo-delete                | paired            | only the lock files the caller made itself                   |
+    # | session-adopt              | paired            | creates a stopped session from a checkpoint by its whole id, |
+    # |                            |                   | under arrivals.py's rules (or updates one that came from or  |
+    # |                            |                   | went to the caller, when it is stopped)                      |
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections[task] = writer
         host = str((writer.get_extra_info("peername") or ["?"])[0])
+        from_host = sum(h == host for h, _ in self._connections.values())
+        if len(self._connections) >= MAX_CONNECTIONS or from_host >= MAX_PER_ADDRESS:
+            self._refuse_quietly(host, f"Too many connections ({len(self._connections)} in all, {from_host} from "
+                                       f"{host}); refusing more for now.")
+            writer.transport.abort()
+            return
+        self._connections[task] = (host, writer)
         closed = asyncio.Event()
         try:
             _keepalive(writer)
@@ -199,29 +251,37 @@ class Agent:
             writer.write(json.dumps(message, default=str).encode() + b"\n")
             await writer.drain()
 
-        asked = False
-        while line := await reader.readline():
+        asked = paired = False
+        while True:
+            try:  # a caller not (yet) known as a paired peer gets TIMEOUT to say something
+                line = await asyncio.wait_for(reader.readline(), None if paired else TIMEOUT)
+            except TimeoutError:
+                log.debug("%s said nothing for %.0f s", host, TIMEOUT)
+                return
+            if not line:
+                return
             try:
                 request = json.loads(line)
-                command, args = str(request["call"]), request.get("args", {})
-                if not isinstance(args, dict):
+                command, args = request["call"], request.get("args", {})
+                if not isinstance(command, str) or not isinstance(args, dict):
                     raise TypeError(args)
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested too deep
                 await send({"error": f"{self.name} received a malformed request; use the same version of "
                                      "session-manager on both computers."})
                 return
             handler, public = self._handlers.get(command, (None, False))
             der = _certificate(tls)
             peer = self.peers.find(fingerprint(der)) if der else None
+            paired = paired or peer is not None
             if peer is None and not public:
                 who = f"the installation {short_id(fingerprint(der))}" if der else \
                     "an installation it has not paired with"
-                self.say(f"Refused {command} from {host}: {who} is not paired with this one.", logging.WARNING)
+                self._refuse_quietly(host, f"Refused {shown(command)} from {host}: {who} is not paired with this one.")
                 await send({"error": self._refusal(who)})
                 return
             if handler is None:
-                await send({"error": f"{self.name} does not know the request {command!r}; update session-manager "
-                                     f"there to version {__version__} or later."})
+                await send({"error": f"{self.name} does not know the request {shown(command)}; update "
+                                     f"session-manager there to version {__version__} or later."})
                 continue
             claimed = self.peers.find(str(args.get("fingerprint"))) if command == "hello" and not asked else None
             if claimed:
@@ -231,7 +291,7 @@ class Agent:
             call = Call(command, args, peer, host, lambda message: send({"event": message}), closed)
             reply = await self._run(handler, call, reader)
             if reply is None:
-                log.info("%s left during %s; the call was cancelled", host, command)
+                log.info("%s left during %s; the call was cancelled", host, shown(command))
                 return
             await send(reply)
             if call.relay is not None and "result" in reply:
@@ -260,6 +320,15 @@ class Agent:
         return {"error": f"{self.name} failed to handle {call.command} ({type(error).__name__}); its log "
                          "(session-manager.log) says more."}
 
+    def _refuse_quietly(self, host: str, text: str) -> None:
+        """Say ``text`` at most once a QUIET_SECONDS per address: a stranger's flood does not flood the log."""
+        now = asyncio.get_running_loop().time()
+        if now - self._refused.get(host, -QUIET_SECONDS) >= QUIET_SECONDS:
+            if len(self._refused) > 4 * MAX_CONNECTIONS:
+                self._refused.clear()
+            self._refused[host] = now
+            self.say(text, logging.WARNING)
+
     def _refusal(self, who: str) -> str:
         return (f"{self.name} ({self.identity.short_id}) refuses {who}: only installations paired with it may "
                 "send or receive sessions; pair them with `session-manager peers add` first.")
@@ -280,7 +349,7 @@ class Agent:
         """Who we are, and whether the fingerprint the caller names is paired here (it proves it is its own with
         its certificate before its next call)."""
         peer = self.peers.find(str(call.args.get("fingerprint")))
-        log.info("hello from %s at %s (%s)", call.args.get("name"), call.host,
+        log.info("hello from %s at %s (%s)", shown(call.args.get("name")), call.host,
                  f"paired as {peer.name}" if peer else "not paired")
         return {"name": self.name, "id": self.identity.short_id, "fingerprint": self.identity.fingerprint,
                 "version": __version__, "paired": peer is not None}
@@ -299,6 +368,12 @@ class Agent:
                             "session-manager on both computers.") from None
         if self.peers.find(theirs) is None:
             path = self.peers.request_file(theirs)
+            waiting = [r for r in self.peers.requests.glob("*") if r != path] if self.peers.requests.is_dir() else []
+            if len(waiting) >= MAX_PAIRING or any(_address_of(r) == call.host for r in waiting):
+                self._refuse_quietly(call.host, f"Refused a pairing request from {call.host}: {len(waiting)} are "
+                                                "waiting already.")
+                raise PeerError(f"{self.name} has pairing requests waiting already (one per address at most); "
+                                "accept or let them expire there, then try again.")
             make_private_dir(path.parent)
             path.write_text(json.dumps(asdict(request)))
             self.say(f"{request.name} at {call.host} ({short_id(theirs)}) wants to pair; accept with "
@@ -315,6 +390,14 @@ class Agent:
                 path.unlink(missing_ok=True)
             self.say(f"Paired with {peer.name} ({peer.short_id}).", logging.INFO)
         return {"paired": True}
+
+
+def _address_of(request_file: Path) -> str | None:
+    """The address a waiting pairing request came from."""
+    try:
+        return parse_address(str(json.loads(request_file.read_text())["address"]))[0]
+    except (OSError, ValueError, KeyError, TypeError, PeerError):
+        return None
 
 
 # -- the client ----------------------------------------------------------------------------------------
@@ -345,14 +428,15 @@ class Connection:
                         if on_event is not None:
                             on_event(reply["event"])
                     elif "error" in reply:
-                        raise PeerError(str(reply["error"]))
+                        raise PeerError(shown(str(reply["error"]), 1000))
                     else:
                         return reply["result"]
         except TimeoutError:
             raise PeerError(f"{self.name} did not answer {command} within {timeout:.0f} s; check that it is running "
                             "and see its log.") from None
-        except (OSError, ValueError, KeyError) as e:  # ssl.SSLError is an OSError
-            raise PeerError(f"The connection to {self.name} broke during {command} ({e}); see its log.") from None
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # ssl.SSLError is an OSError
+            raise PeerError(f"The connection to {self.name} broke during {command} ({shown(str(e))}); see its "
+                            "log.") from None
         raise PeerError(f"{self.name} closed the connection during {command}; its log says why.")
 
     async def hello(self) -> dict[str, Any]:

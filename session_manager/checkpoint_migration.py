@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
+import re
 import secrets
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .agent import Agent, Call, Connection, connect
+from .agent import Agent, Call, Connection, connect, shown
+from .arrivals import ArrivalRules, check_replaceable
 from .engine import Engine, Status
 from .errors import CorruptionError, NotFoundError, PeerError, RepositoryError, UsageError
 from .identity import installation_name
@@ -83,12 +86,48 @@ async def require_peer_loads(conn: Connection, written_by: str | None, machine: 
 
 # -- the receiving side: the agent's handlers -------------------------------------------------------------
 
+MAX_UPLOADS = 16  # objects a peer may have half-sent at once (replicate sends WORKERS = 4)
+MAX_OBJECT = 64 << 20  # bytes of one object (packs are at most 16 MiB)
+_OBJECT_NAME = re.compile(r"(config|(data/[0-9a-f]{2}/|index/|checkpoints/|keys/|locks/)[0-9a-f]{16,64}"
+                          r"|annotations/[0-9a-f]{32,64}-[0-9]{1,9})")
+_PREFIXES = ("", "data/", "index/", "checkpoints/", "annotations/", "keys/", "locks/")
+
+
+def _object_name(value: Any) -> str:
+    """A repository object's name from a peer: one of the names the repository uses, so never outside it."""
+    if not isinstance(value, str) or not _OBJECT_NAME.fullmatch(value):
+        raise PeerError(f"A repository request named {shown(value)}, which is not an object of a repository; use "
+                        "the same version of session-manager on both computers.")
+    return value
+
+
+def _prefix(value: Any) -> str:
+    if value not in _PREFIXES:
+        raise PeerError(f"A repository request listed {shown(value)}, which is not a part of a repository; use the "
+                        "same version of session-manager on both computers.")
+    return str(value)
+
+
+@dataclass
+class _Upload:
+    peer: str
+    obj: NewObject
+    size: int = 0
+
+
 @dataclass
 class CheckpointReceiver:
-    """Serves this home's repository directory to paired peers, and adopts the sessions they send."""
+    """Serves this home's repository directory to paired peers, and adopts the sessions they send.
+
+    What a peer may do here (the agent's table of calls is in agent.py): read objects of the repository, add
+    objects it lacks (never replace one: objects are write-once), delete only the lock files it made itself,
+    hand over the repository's key only where this computer has none for it, and adopt a session under
+    arrivals.py's rules."""
 
     engine: Engine
-    uploads: dict[str, tuple[str, NewObject]] = field(default_factory=dict)  # upload id -> (peer, object)
+    uploads: dict[str, _Upload] = field(default_factory=dict)  # upload id -> the object being written
+    locks: set[tuple[str, str]] = field(default_factory=set)  # (peer, lock name) of the locks peers made
+    _watches: set[asyncio.Task[None]] = field(default_factory=set)  # drop a half-sent object when its sender goes
 
     def register(self, agent: Agent) -> None:
         for command, handler in (("repo-open", self.repo_open), ("repo-list", self.repo_list),
@@ -102,7 +141,8 @@ class CheckpointReceiver:
         return LocalBackend(self.engine.home.repository)
 
     async def repo_open(self, call: Call) -> dict[str, Any]:
-        """Make this repository the caller's (if it is not: only while it holds no checkpoints) and keep its key."""
+        """Make this repository the caller's (if it is not: only while it holds no checkpoints) and keep its key,
+        unless this computer keeps one for it already: then it must be that one."""
         assert call.peer is not None
         home = self.engine.home
         config, raw = _unb64(call.args.get("config")), _unb64(call.args.get("key"))
@@ -112,54 +152,94 @@ class CheckpointReceiver:
         except (ValueError, KeyError, TypeError):
             raise PeerError("The repository request was malformed; use the same version of session-manager on "
                             "both computers.") from None
+        where, keyfile = str(home.repository), repo_keys.keyfile_for(home.repository)
+        known = await asyncio.to_thread(repo_keys.remembered, repo_id, where, keyfile)
+        if known is not None and not hmac.compare_digest(known.raw, key.raw):
+            raise RepositoryError(f"{installation_name()} keeps another key for this repository than the one "
+                                  f"{call.peer.name} sent, so it took nothing; check that both use the same repository.")
         if await asyncio.to_thread(adopt_identity, home, config) is None:
             raise RepositoryError(f"{installation_name()}'s checkpoint repository ({home.repository}) is another one "
                                   f"than {call.peer.name}'s and holds checkpoints, so it takes none of "
                                   f"{call.peer.name}'s; run `serve` there with another --home, or use a remote.")
-        await asyncio.to_thread(repo_keys.remember, repo_id, key, str(home.repository),
-                                repo_keys.keyfile_for(home.repository))
+        if known is None:
+            await asyncio.to_thread(repo_keys.remember, repo_id, key, where, keyfile)
         self.engine._repo = None  # its identity may have changed: opened afresh when next needed
         return {"id": repo_id}
 
     async def repo_list(self, call: Call) -> list[str]:
-        return await asyncio.to_thread(lambda: list(self.backend.list(str(call.args.get("prefix", "")))))
+        prefix = _prefix(call.args.get("prefix", ""))
+        return await asyncio.to_thread(lambda: list(self.backend.list(prefix)))
 
     async def repo_sizes(self, call: Call) -> dict[str, int]:
-        return await asyncio.to_thread(self.backend.sizes, str(call.args.get("prefix", "")))
+        return await asyncio.to_thread(self.backend.sizes, _prefix(call.args.get("prefix", "")))
 
     async def repo_stat(self, call: Call) -> dict[str, Any]:
-        return await self._answer(self.backend.stat, str(call.args.get("name")))
+        return await self._answer(self.backend.stat, _object_name(call.args.get("name")))
 
     async def repo_load(self, call: Call) -> dict[str, Any]:
-        length = min(int(call.args.get("length") or CHUNK), CHUNK)
-        return await self._answer(lambda: _b64(self.backend.load(str(call.args.get("name")),
-                                                                 int(call.args.get("offset") or 0), length)))
+        name, offset, length = _object_name(call.args.get("name")), call.args.get("offset") or 0, \
+            call.args.get("length") or CHUNK
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (offset, length)):
+            raise PeerError("A repository request asked for a malformed range; use the same version of "
+                            "session-manager on both computers.")
+        return await self._answer(lambda: _b64(self.backend.load(name, offset, min(length, CHUNK))))
 
     async def repo_save(self, call: Call) -> dict[str, Any]:
-        """One piece of an object (``upload`` names it, from the first piece on); ``name`` with the last one."""
+        """One piece of an object (``upload`` names it, from the first piece on); ``name`` with the last one.  A
+        new object only: one that exists is not replaced.  Half-sent objects go when the connection ends."""
         assert call.peer is not None
+        peer = call.peer.name
         data, upload, name = _unb64(call.args.get("data")), call.args.get("upload"), call.args.get("name")
+        if name is not None:
+            name = _object_name(name)
+            if name.startswith("locks/"):
+                self.locks.add((peer, name))
         if upload is None and name is not None:  # the whole object at once
-            return await self._answer(self.backend.save, str(name), data)
-        upload = str(upload)
+            return await self._answer(self.backend.save, name, data)
+        upload = str(upload)[:64]
         if upload not in self.uploads:
-            self.uploads[upload] = (call.peer.name, await asyncio.to_thread(self.backend.create))
-        peer, obj = self.uploads[upload]
-        if peer != call.peer.name:
+            if sum(u.peer == peer for u in self.uploads.values()) >= MAX_UPLOADS:
+                raise PeerError(f"{peer} has {MAX_UPLOADS} objects half-sent here already; finish those first.")
+            self.uploads[upload] = _Upload(peer, await asyncio.to_thread(self.backend.create))
+            watch = asyncio.ensure_future(self._drop_when_closed(upload, peer, call.closed))
+            self._watches.add(watch)
+            watch.add_done_callback(self._watches.discard)
+        current = self.uploads[upload]
+        if current.peer != peer:
             raise PeerError("That upload belongs to another peer; send the object again.")
         try:
-            await asyncio.to_thread(obj.write, data)
+            current.size += len(data)
+            if current.size > MAX_OBJECT:
+                raise PeerError(f"An object from {peer} grew past {MAX_OBJECT >> 20} MiB, more than any repository "
+                                "object is; it was dropped.")
+            await asyncio.to_thread(current.obj.write, data)
             if name is None:
                 return {"result": None}
             del self.uploads[upload]
-            return await self._answer(obj.finish, str(name))
+            return await self._answer(current.obj.finish, name)
         except BaseException:
-            self.uploads.pop(upload, None)
-            obj.abort()
+            self._drop(upload, peer)
             raise
 
+    async def _drop_when_closed(self, upload: str, peer: str, closed: asyncio.Event) -> None:
+        await closed.wait()
+        self._drop(upload, peer)
+
+    def _drop(self, upload: str, peer: str) -> None:
+        current = self.uploads.get(upload)
+        if current is not None and current.peer == peer:
+            del self.uploads[upload]
+            current.obj.abort()
+
     async def repo_delete(self, call: Call) -> None:
-        await asyncio.to_thread(self.backend.delete, str(call.args.get("name")))
+        """Only the caller's own lock files go; a stale lock of someone else's it would clean up stays."""
+        assert call.peer is not None
+        name = _object_name(call.args.get("name"))
+        if (call.peer.name, name) in self.locks:
+            self.locks.discard((call.peer.name, name))
+            await asyncio.to_thread(self.backend.delete, name)
+        elif not name.startswith("locks/"):
+            raise PeerError(f"{installation_name()} deletes nothing of its repository for {call.peer.name}.")
 
     @staticmethod
     async def _answer(fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
@@ -173,18 +253,28 @@ class CheckpointReceiver:
     async def session_adopt(self, call: Call) -> dict[str, Any]:
         """Make the checkpoint's session exist here, stopped, with it as its saved state (`start` resumes it)."""
         assert call.peer is not None
-        engine = self.engine
-        ckpt = await asyncio.to_thread(engine.repo.get, str(call.args.get("checkpoint")))
+        engine, peer = self.engine, call.peer.name
+        ref = str(call.args.get("checkpoint"))
+        ckpt = await asyncio.to_thread(engine.repo.get, ref)
+        if ckpt.id != ref:
+            raise PeerError("session-adopt names a checkpoint by its whole id; use the same version of "
+                            "session-manager on both computers.")
+        config = ArrivalRules.of(engine.home).config(ckpt.meta.get("config"), peer)
+        if config.name != ckpt.session:
+            raise PeerError(f"Checkpoint {ckpt.id[:8]} names two sessions; it cannot be adopted.")
+        engine.require_loadable(ckpt)
         session = Session(engine.home, ckpt.session)
-        if not session.exists():
-            return _status(await engine.adopt(ckpt, start=False))
         async with engine._locked(session):
+            check_replaceable(session, peer)
+            if not session.exists():
+                return _status(await engine.adopt(ckpt, start=False, config=config, arrived_from=peer))
             if engine.sockets(session).pid() is not None:
                 raise UsageError(f"Session {ckpt.session!r} is running on {installation_name()}; stop it there "
                                  "first, then send it again.")
             state = session.load_state()
             state.head = state.saved = ckpt.id
             state.moved_to = state.running_boot = None
+            state.arrived_from = peer
             session.save_state(state)
         return _status(await engine.status(session.name))
 

@@ -70,6 +70,13 @@ def parse_duration(text: str) -> float:
     return float(m[1]) * {"s": 1, "m": 60, "h": 3600}[m[2].lower()]
 
 
+def count(text: str) -> int:
+    """A number of checkpoints to keep: a whole number of at least 1 (a negative or zero one would forget them all)."""
+    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of checkpoints to keep; give 1 or more")
+    return int(text)
+
+
 def rate(text: str) -> int:
     """'10M/s', '512K' -> bytes a second."""
     return parse_size(text.removesuffix("/s"), 1)
@@ -527,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = cmd("forget", "remove old checkpoints by a retention policy (pinned ones are kept)")
     c.add_argument("name")
     for unit in ("last", "hourly", "daily", "weekly", "monthly"):
-        c.add_argument(f"--keep-{unit}", type=int, metavar="N")
+        c.add_argument(f"--keep-{unit}", type=count, metavar="N")
     c.add_argument("--keep-manual", action="store_true", help="also keep every checkpoint taken by hand")
     c.add_argument("--prune", action="store_true", help="reclaim the space right away")
     cmd("prune", "reclaim the space of forgotten checkpoints")
@@ -632,6 +639,7 @@ def _setup_logging(home: Home, verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.umask(0o077)  # whatever the caller's umask: the user's disks, logs and keys are theirs alone (QEMU inherits it)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

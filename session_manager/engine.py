@@ -578,14 +578,16 @@ class Engine:
             return await self._restore_locked(session, self.find_checkpoint(session, ref), not discard_current,
                                               progress)
 
-    async def adopt(self, ckpt: CheckpointInfo, progress: Progress = _no_progress, start: bool = True) -> Status:
+    async def adopt(self, ckpt: CheckpointInfo, progress: Progress = _no_progress, start: bool = True,
+                    config: SessionConfig | None = None, arrived_from: str | None = None) -> Status:
         """Create a checkpoint's session from its recorded config (the checkpoint came from another computer)
         and start it from that checkpoint; its disk is rebuilt from the repository.
 
         Should the start fail, the session stays, stopped with the checkpoint as its saved state (which is all
-        that happens without ``start``: `start` resumes it later).
+        that happens without ``start``: `start` resumes it later).  A checkpoint a paired peer sent comes with the
+        ``config`` that arrivals.py allows it here, and that peer as ``arrived_from``.
         """
-        config = SessionConfig(**ckpt.meta["config"])
+        config = config or SessionConfig(**ckpt.meta["config"])
         for label, path in (("kernel", config.kernel), ("initrd", config.initrd), ("ISO", config.iso)):
             if path and not Path(path).is_file():
                 raise NotFoundError(f"Checkpoint {ckpt.id[:8]} needs the {label} {path}, which this computer does "
@@ -594,6 +596,7 @@ class Engine:
         session.create(config, vdisk.new_layer_name())
         state = session.load_state()
         state.head = state.saved = ckpt.id
+        state.arrived_from = arrived_from
         session.save_state(state)
         if not start:
             return await self.status(session.name)
@@ -645,16 +648,16 @@ class Engine:
         log.info("restored %s to %s: stream loaded in %.2f s", session.name, ckpt.id, seconds)
         return before
 
-    async def receive(self, config: SessionConfig, disk_size: int, why: str) -> Session:
-        """Create a session to receive a live migration (vm/migrate.py): a blank qcow2 of ``disk_size`` as its only
-        layer, and its QEMU waiting for the incoming state, paused.  It starts a fresh checkpoint history."""
-        for label, path in (("kernel", config.kernel), ("initrd", config.initrd), ("ISO", config.iso)):
-            if path and not Path(path).is_file():
-                raise NotFoundError(f"Session {config.name!r} needs the {label} {path}, which this computer does not "
-                                    "have; copy it to the same place and try again.")
+    async def receive(self, config: SessionConfig, disk_size: int, why: str, peer: str) -> Session:
+        """Create a session to receive a live migration from ``peer`` (vm/migrate.py; ``config`` as arrivals.py allows
+        it): a blank qcow2 of ``disk_size`` as its only layer, and its QEMU waiting for the incoming state, paused.
+        It starts a fresh checkpoint history."""
         session = Session(self.home, config.name)
         first = vdisk.new_layer_name()
         session.create(config, first)
+        state = session.load_state()
+        state.arrived_from = peer
+        session.save_state(state)
         try:
             vdisk.create_blank(session.layer_path(first), disk_size)
             await self._launch(session, config, session.layer_path(first), why, incoming=True, paused=True)

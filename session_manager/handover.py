@@ -17,7 +17,7 @@ from .agent import TIMEOUT, Call, connect
 from .engine import Engine
 from .errors import NotFoundError, UsageError
 from .identity import installation_name
-from .paths import Home
+from .paths import Home, valid_name
 from .peers import Peers
 from .sessions import Session
 from .vm.rfb import RfbClient
@@ -29,12 +29,14 @@ CHUNK = 1 << 16
 
 
 async def serve_display(engine: Engine, arriving: Container[str], call: Call) -> dict[str, str]:
-    """The agent's ``display``: if the session ``name`` runs here (and is not one still ``arriving`` by a
-    migration), relay the connection to its VNC socket."""
+    """The agent's ``display``: if the session ``name`` came here from the caller and runs here (and is not one still
+    ``arriving`` by a migration), relay the connection to its VNC socket.  Other sessions, ours or another peer's, are
+    not the caller's to see: they get the same answer as a session that does not exist."""
     assert call.peer is not None
-    session = Session(engine.home, str(call.args.get("name")))
-    if not session.exists():
-        raise NotFoundError(f"{installation_name()} has no session named {session.name!r}.")
+    name = call.args.get("name")
+    session = Session(engine.home, name) if isinstance(name, str) and valid_name(name) else None
+    if session is None or not session.exists() or session.load_state().arrived_from != call.peer.name:
+        raise NotFoundError(f"{installation_name()} has no session named {str(name)[:48]!r} from {call.peer.name}.")
     vnc = engine.sockets(session).vnc
     if session.name in arriving or engine.sockets(session).pid() is None:
         raise UsageError(f"Session {session.name!r} does not run on {installation_name()} now, so its screen "

@@ -32,14 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from .agent import Agent, Call, Connection, connect
+from .arrivals import ArrivalRules, check_replaceable
 from .checkpoint_migration import QEMU_INFO, qemu_info, require_peer_loads, send_history
 from .engine import Engine
 from .errors import PeerError, SessionManagerError, UsageError
 from .handover import DISPLAY, serve_display
 from .identity import TLS_HOSTNAME, installation_name, load_identity, write_qemu_tls_dir
-from .paths import make_private_dir
+from .paths import make_private_dir, valid_name
 from .peers import Peer, Peers, parse_address
-from .sessions import Session, SessionConfig
+from .sessions import Session
 from .units import size_text
 from .vm import disk as vdisk
 from .vm.machine import Machine, RunState, node_name
@@ -95,22 +96,24 @@ class Receiver:
 
     async def migrate_in(self, call: Call) -> dict[str, int]:
         assert call.peer is not None
-        try:
-            config = SessionConfig(**call.args["config"])
-            disk_size = int(call.args["disk_size"])
-            postcopy = bool(call.args.get("postcopy", False))
-        except (KeyError, TypeError, ValueError):
+        config = ArrivalRules.of(self.engine.home).config(call.args.get("config"), call.peer.name)
+        disk_size, postcopy = call.args.get("disk_size"), call.args.get("postcopy", False)
+        if not isinstance(disk_size, int) or isinstance(disk_size, bool) or disk_size <= 0 \
+                or not isinstance(postcopy, bool):
             raise PeerError("The migration request was malformed; use the same version of session-manager on both "
-                            "computers.") from None
+                            "computers.")
         name = config.name
-        if name in self.pending:  # a migration of it that its source gave up on
-            await self._abort(self.pending[name])
-        config.base_image = config.base_format = None  # the disk arrives whole, flattened into one layer
         session = Session(self.engine.home, name)
+        if name in self.pending:  # a migration of it that its source gave up on
+            if self.pending[name].peer != call.peer.name:
+                raise UsageError(f"Session {name!r} is arriving on {installation_name()} from another computer now.")
+            await self._abort(self.pending[name])
+        check_replaceable(session, call.peer.name)
         stack = contextlib.AsyncExitStack()
         await stack.enter_async_context(self.engine._locked(session))
         replaced = None
         try:
+            check_replaceable(session, call.peer.name)  # again, now that it is ours
             if session.exists():
                 sockets = self.engine.sockets(session)
                 if sockets.pid() is not None:
@@ -124,7 +127,7 @@ class Receiver:
                     replaced = make_private_dir(self.engine.home.data / "replaced") / name
                     shutil.rmtree(replaced, ignore_errors=True)
                     session.dir.rename(replaced)
-            await self.engine.receive(config, disk_size, f"live migration from {call.peer.name}")
+            await self.engine.receive(config, disk_size, f"live migration from {call.peer.name}", call.peer.name)
             incoming = _Incoming(session, call.peer.name, stack, replaced)
             self.pending[name] = incoming
         except BaseException:
@@ -199,16 +202,21 @@ class Receiver:
     async def migrate_abort(self, call: Call) -> dict[str, bool]:
         """Kill a half-made incoming session; answers whether the session runs here all the same (a finish
         whose answer the source never got), so that the source resumes its guest only when it does not."""
-        name = str(call.args.get("name"))
+        assert call.peer is not None
+        name = call.args.get("name")
+        if not isinstance(name, str) or not valid_name(name):
+            raise PeerError("The migration request was malformed; use the same version of session-manager on both "
+                            "computers.")
         if name in self.pending:
             await self._abort(self._pending(call))
         session = Session(self.engine.home, name)
-        return {"running_here": session.exists() and self.engine.sockets(session).pid() is not None}
+        return {"running_here": session.exists() and session.load_state().arrived_from == call.peer.name
+                and self.engine.sockets(session).pid() is not None}
 
     def _pending(self, call: Call) -> _Incoming:
         incoming = self.pending.get(str(call.args.get("name")))
         if incoming is None or call.peer is None or incoming.peer != call.peer.name:
-            raise UsageError(f"No migration of session {call.args.get('name')!r} from "
+            raise UsageError(f"No migration of session {str(call.args.get('name'))[:48]!r} from "
                              f"{call.peer.name if call.peer else '?'} is under way here; start it again.")
         return incoming
 

@@ -25,8 +25,12 @@ _SOCKET_ROOM = 100 - len("/longest-session-name-here/qmp-app.sock")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$")
 
 
+def valid_name(name: str) -> bool:
+    return bool(_NAME_RE.fullmatch(name))
+
+
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name):
+    if not valid_name(name):
         raise UsageError(
             f"{name!r} is not a valid session name; use 1-48 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit."

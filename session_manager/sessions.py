@@ -65,6 +65,9 @@ class SessionState:
     layers: dict[str, str] = field(default_factory=dict)
     # The paired peer the session was live-migrated to, which runs it now; this computer runs it no more.
     moved_to: str | None = None
+    # The paired peer the session came from (live migration or `send`): only that peer may see its screen or
+    # replace it with another arrival (arrivals.py).
+    arrived_from: str | None = None
 
 
 class Session:

@@ -13,14 +13,14 @@ import math
 import os
 import tempfile
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
 from .errors import UsageError
-from .paths import Home, check_name
+from .paths import Home, valid_name
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,12 @@ class Settings:
     # The qemu-system-x86_64 that runs sessions (None: the one on PATH); $SESSION_MANAGER_QEMU overrides it.
     # A QEMU unpacked into a directory of its own (PREFIX/usr/bin/qemu-system-x86_64) finds its firmware there.
     qemu: str | None = None
+    # What a session arriving from a paired machine (migrate, send) may be here: it boots a kernel, initrd or ISO
+    # only from this home's demo guest or these directories, and gets at most this much memory and these many
+    # CPUs (0: three quarters of this machine's memory, all its cores).
+    arrivals_boot_dirs: list[str] = field(default_factory=list)
+    arrivals_max_memory_mib: int = 0
+    arrivals_max_cpus: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -120,8 +126,14 @@ def _problem(key: str, value: Any) -> str | None:
     elif key == "qemu":
         ok = value is None or (isinstance(value, str) and os.path.isabs(value))
         wanted = "the absolute path of a qemu-system-x86_64 in quotes"
+    elif key == "arrivals_boot_dirs":
+        ok = isinstance(value, list) and all(isinstance(v, str) and os.path.isabs(v) for v in value)
+        wanted = "a list of absolute directory paths in quotes"
+    elif key in ("arrivals_max_memory_mib", "arrivals_max_cpus"):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        wanted = "a whole number (0: what fits this machine)"
     elif key == "session":
-        ok = value is None or (isinstance(value, str) and _is_name(value))
+        ok = value is None or (isinstance(value, str) and valid_name(value))
         wanted = "the name of a session in quotes"
     elif key in ("autosave_minutes", "autosave_keep_minutes"):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
@@ -132,14 +144,6 @@ def _problem(key: str, value: Any) -> str | None:
     else:
         raise AssertionError(key)
     return None if ok else f"{key} must be {wanted}, not {_toml(value)}"
-
-
-def _is_name(text: str) -> bool:
-    try:
-        check_name(text)
-    except UsageError:
-        return False
-    return True
 
 
 def _toml(value: Any) -> str:

@@ -84,6 +84,14 @@ class Sm:
         self("new", name, "--kernel", str(kernel), "--initrd", str(initrd), "--append", append,
              "--memory", memory, "--cpus", "1", "--disk-size", "1G")
 
+    def take_test_guests(self) -> Sm:
+        """Let sessions arriving from paired peers boot the test guest (its kernel lives outside this home)."""
+        from session_manager.paths import Home
+        from session_manager.settings import Settings
+
+        Settings(arrivals_boot_dirs=[str(GUEST_CACHE.resolve())]).save(Home.locate(self.home))
+        return self
+
     def serial(self, name: str) -> Serial:
         return Serial(self("status", name, "--json").json()["serial_log"])
 

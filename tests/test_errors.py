@@ -26,10 +26,13 @@ def fails(run, *words: str) -> str:  # noqa: ANN001
 def test_bad_input_is_refused_with_one_sentence(sm: Sm, guest: tuple[Path, Path], tmp_path: Path) -> None:
     fails(sm("new", "x", "--disk", str(tmp_path / "missing.qcow2"), check=False), "does not exist")
     fails(sm("new", "bad/name", "--kernel", str(guest[0]), check=False), "not a valid session name")
+    fails(sm("new", "name\n", "--kernel", str(guest[0]), check=False), "not a valid session name")
     fails(sm("new", "x", "--kernel", str(guest[0]), "--memory", "lots", check=False), "not a size")
     assert sm("list", "--json").json() == []  # nothing was created
     fails(sm("start", "nope", check=False), "no session named 'nope'")
     fails(sm("checkpoint", "nope", check=False), "no session named 'nope'")
+    for bad in ("-1", "0", "-3", "two"):  # would forget everything that is not pinned
+        fails(sm("forget", "nope", "--keep-daily", bad, check=False), "not a number of checkpoints to keep")
 
 
 def test_users_image_is_never_written(sm: Sm, guest: tuple[Path, Path], tmp_path: Path) -> None:
@@ -138,3 +141,19 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly(sm: Sm) -> None:
     finally:
         os.close(write_end)
     assert p.returncode == 128 + signal.SIGPIPE and p.stderr == ""
+
+
+def test_everything_in_the_home_is_private_whatever_the_umask(sm: Sm, guest: tuple[Path, Path]) -> None:
+    previous = os.umask(0o002)  # a permissive caller: the CLI and QEMU still make everything the user's alone
+    try:
+        sm.new_guest("mine", guest)
+        sm("start", "mine")
+        sm.serial("mine").wait_counter(2)
+        sm("checkpoint", "mine")
+    finally:
+        os.umask(previous)
+    shared = [f"{p} {p.lstat().st_mode & 0o777:o}" for p in sm.home.rglob("*")
+              if not p.is_symlink() and p.lstat().st_mode & 0o077]
+    assert shared == []
+    disks = list((sm.home / "data" / "sessions" / "mine").rglob("*.qcow2"))
+    assert disks and all(d.stat().st_mode & 0o777 == 0o600 for d in disks)  # the whole disk, in plain text

@@ -42,6 +42,7 @@ def hosts(tmp_path: Path, netns: tuple[str, str]) -> Iterator[tuple[NsSm, NsSm]]
     """Installations a and b, one in each namespace, paired; b's agent serves throughout (and must stop cleanly
     at the end: it survived what the test did to it)."""
     a, b = NsSm(tmp_path / "a", netns[0]), NsSm(tmp_path / "b", netns[1])
+    b.take_test_guests()
     try:
         with serving(b, "0.0.0.0:0") as port_b:
             with serving(a, "0.0.0.0:0") as port_a:

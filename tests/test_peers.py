@@ -122,20 +122,22 @@ def test_pairing_is_confirmed_on_both_sides(two: tuple[Sm, str, Sm, str, str]) -
     assert not list((b.home / "run" / "pairing").glob("*"))  # the request is gone once answered
 
 
-def pair_by_ids(a: Sm, port_a: int, b: Sm, port_b: int, host_a: str = "127.0.0.1", host_b: str = "127.0.0.1") -> None:
-    """Pair a and b (both serving, at host_a and host_b) by entering each other's id on both sides."""
-    first = a.popen("peers", "add", f"{host_b}:{port_b}", "--name", "b", "--fingerprint", my_id(b))
+def pair_by_ids(a: Sm, port_a: int, b: Sm, port_b: int, host_a: str = "127.0.0.1", host_b: str = "127.0.0.1",
+                names: tuple[str, str] = ("a", "b")) -> None:
+    """Pair a and b (both serving, at host_a and host_b) by entering each other's id on both sides; each knows the
+    other by its name in ``names``."""
+    first = a.popen("peers", "add", f"{host_b}:{port_b}", "--name", names[1], "--fingerprint", my_id(b))
     wait_log(b, "wants to pair")
-    b("peers", "add", f"{host_a}:{port_a}", "--name", "a", "--fingerprint", my_id(a))
+    b("peers", "add", f"{host_a}:{port_a}", "--name", names[0], "--fingerprint", my_id(a))
     out, err = first.communicate(timeout=30)
-    assert first.returncode == 0 and "Paired with b" in out, err
+    assert first.returncode == 0 and f"Paired with {names[1]}" in out, err
 
 
 @contextmanager
 def paired_homes(tmp: Path) -> Iterator[tuple[Sm, Sm, int]]:
     """Installations a and b on loopback, paired through their agents (stopped again: a test serves b's where it
     needs it, on the same port); yields (a, b, b's port), and kills their QEMUs at the end."""
-    a, b = Sm(tmp / "a"), Sm(tmp / "b")
+    a, b = Sm(tmp / "a").take_test_guests(), Sm(tmp / "b").take_test_guests()
     try:
         with serving(a) as port_a, serving(b) as port_b:
             pair_by_ids(a, port_a, b, port_b)

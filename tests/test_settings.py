@@ -40,14 +40,19 @@ def test_no_file_means_the_defaults(home: Home) -> None:
 def test_round_trip(home: Home) -> None:
     s = Settings(checkpoint_shortcut="Ctrl+Shift+F12", confirm_restore=False, keyboard_grab=True, scale="1:1",
                  show_notifications=False, session="work", autosave_minutes=0.5, autosave_keep_last=3,
-                 autosave_keep_minutes=0, autosave_keep_hourly=0, autosave_keep_daily=7)
+                 autosave_keep_minutes=0, autosave_keep_hourly=0, autosave_keep_daily=7,
+                 qemu="/opt/qemu-10/usr/bin/qemu-system-x86_64", arrivals_boot_dirs=["/srv/isos"],
+                 arrivals_max_memory_mib=8192, arrivals_max_cpus=4)
     s.save(home)  # creates the config directory
     assert Settings.load(home) == s
     with open(home.config / "settings.toml", "rb") as f:
         assert tomllib.load(f) == {"checkpoint_shortcut": "Ctrl+Shift+F12", "confirm_restore": False,
                                    "keyboard_grab": True, "scale": "1:1", "show_notifications": False,
                                    "session": "work", "autosave_minutes": 0.5, "autosave_keep_last": 3,
-                                   "autosave_keep_minutes": 0, "autosave_keep_hourly": 0, "autosave_keep_daily": 7}
+                                   "autosave_keep_minutes": 0, "autosave_keep_hourly": 0, "autosave_keep_daily": 7,
+                                   "qemu": "/opt/qemu-10/usr/bin/qemu-system-x86_64",
+                                   "arrivals_boot_dirs": ["/srv/isos"], "arrivals_max_memory_mib": 8192,
+                                   "arrivals_max_cpus": 4}
     s.session = None  # TOML has no null: the key is left out
     s.save(home)
     assert "session" not in (home.config / "settings.toml").read_text()
@@ -82,6 +87,10 @@ def test_unknown_keys_are_ignored_with_a_warning(home: Home, caplog: pytest.LogC
     ("autosave_keep_hourly = 1.5\n", ["autosave_keep_hourly must be a whole number (0 turns it off), not 1.5"]),
     ("autosave_keep_daily = true\n", ["autosave_keep_daily must be a whole number"]),
     ("autosave_keep_last = -2\n", ["autosave_keep_last must be a whole number"]),
+    ('qemu = "qemu-system-x86_64"\n', ["qemu must be the absolute path of a qemu-system-x86_64"]),
+    ('arrivals_boot_dirs = "/srv"\n', ["arrivals_boot_dirs must be a list of absolute directory paths"]),
+    ('arrivals_boot_dirs = ["isos"]\n', ["arrivals_boot_dirs must be a list of absolute directory paths"]),
+    ("arrivals_max_cpus = -1\n", ["arrivals_max_cpus must be a whole number (0: what fits this machine)"]),
     ("confirm_restore = \n", ["is not valid TOML", "line 1"]),
     ("\xff\n", ["is not valid TOML"]),
     (b"scale = \"\xff\"\n", ["is not valid TOML", "utf-8"]),

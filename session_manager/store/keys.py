@@ -136,8 +136,8 @@ def remember(repo_id: str, key: MasterKey, where: str, keyfile: Path | None) -> 
                 reason, where, keyfile)
 
 
-def unlock(backend: Backend, repo_id: str, where: str, keyfile: Path | None, passphrase: str | None) -> MasterKey:
-    """The master key, from the first place that has it (see the module doc)."""
+def remembered(repo_id: str, where: str, keyfile: Path | None) -> MasterKey | None:
+    """The master key this computer keeps for the repository (keyring, else ``keyfile``), if it keeps one."""
     cached = get_secret(_keyring_name(repo_id))
     if cached is None and keyfile is not None:
         cached = _read_keyfile(keyfile).get(repo_id)
@@ -146,6 +146,14 @@ def unlock(backend: Backend, repo_id: str, where: str, keyfile: Path | None, pas
             return MasterKey(base64.b64decode(cached, validate=True))
         except (binascii.Error, ValueError):
             log.warning("The cached key of the repository at %s is malformed; trying a passphrase.", where)
+    return None
+
+
+def unlock(backend: Backend, repo_id: str, where: str, keyfile: Path | None, passphrase: str | None) -> MasterKey:
+    """The master key, from the first place that has it (see the module doc)."""
+    cached = remembered(repo_id, where, keyfile)
+    if cached is not None:
+        return cached
     objects = _key_objects(backend)
     if not objects:
         raise RepositoryError(f"The key of the repository at {where} is not on this computer and the repository "
