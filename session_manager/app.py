@@ -18,6 +18,7 @@ from PySide6.QtNetwork import QLocalServer, QLocalSocket
 from PySide6.QtWidgets import QApplication, QDialog, QMessageBox, QSystemTrayIcon
 
 from .agent import Agent
+from .checkpoint_migration import CheckpointReceiver
 from .engine import Engine
 from .errors import SessionManagerError, UsageError
 from .live_migration import Receiver
@@ -95,7 +96,8 @@ class App(QObject):
         self.background = BackgroundWork(engine, settings, name, self)
         self.finished: asyncio.Future[None] = asyncio.get_event_loop().create_future()
         self.agent = Agent(engine.home, say=lambda text, level: self._notify(text))
-        Receiver(engine).register(self.agent)
+        Receiver(engine).register(self.agent)  # as `serve` does: live migrations and sent checkpoints arrive here
+        CheckpointReceiver(engine).register(self.agent)
         self._agent_server: asyncio.Task[asyncio.Server | None] | None = \
             asyncio.ensure_future(self._serve_agent(listen)) if listen else None
 

@@ -22,8 +22,8 @@ from typing import Any
 
 from .errors import NotFoundError, QemuError, SessionManagerError, StreamFormatError, UsageError
 from .paths import Home, machine_cache
-from .settings import Settings
 from .sessions import Session, SessionConfig, SessionState, list_sessions
+from .settings import Settings
 from .store.repo import CheckpointInfo, Repository
 from .vm import disk as vdisk
 from .vm.machine import Machine, RunState, Sockets, launch, wait_exit
@@ -32,11 +32,11 @@ from .vm.qemu import (
     GUEST_SHUTDOWN,
     SHUTDOWN_TRACE,
     Accel,
+    Qemu,
     boot_id,
+    cannot_load,
     choose_accelerator,
     command_line,
-    Qemu,
-    cannot_load,
     find_qemu,
     machine_type,
     machine_types,

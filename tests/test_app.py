@@ -286,3 +286,31 @@ def test_first_run_resumes_a_session_from_a_server(sm: Sm, guest: tuple[Path, Pa
         assert [r["name"] for r in other("remote", "list", "--json").json()] == ["server"]  # backs up there now
     finally:
         other.kill_all()
+
+
+@pytest.mark.qemu
+def test_the_open_app_takes_a_session_sent_to_it(tmp_path: Path, guest: tuple[Path, Path], aloop,  # noqa: ANN001
+                                                 qtbot) -> None:  # noqa: ANN001
+    """With the app open (and no `serve`), a paired machine's `send` arrives, as it does at `serve`."""
+    from test_peers import paired_homes
+
+    with paired_homes(tmp_path) as (a, b, port_b):
+        b.new_guest("mine", guest)
+        a.new_guest("visitor", guest)
+        a("start", "visitor")
+        a.serial("visitor").wait_counter(2)
+        taken = a("checkpoint", "visitor", "--json").json()["id"]
+        app = App(Engine(Home.locate(b.home)), "mine", Settings(autosave_minutes=0), listen=f"127.0.0.1:{port_b}")
+
+        async def scenario() -> None:
+            await until(lambda: (b.home / "state" / "session-manager.log").exists() and app._agent_server is not None
+                        and app._agent_server.done(), 30, "the app's agent listening")
+            proc = await asyncio.create_subprocess_exec(*a.argv("send", "visitor", "b", "--json"), env=a.env, cwd=ROOT,
+                                                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await proc.communicate()
+            assert proc.returncode == 0, err.decode()
+
+        aloop.run_until_complete(scenario())
+        aloop.run_until_complete(app.close())
+        arrived = [s for s in b("list", "--json").json() if s["name"] == "visitor"]
+        assert arrived and arrived[0]["state"] == "saved" and arrived[0]["head"] == taken
