@@ -260,7 +260,7 @@ async def _resume(engine: Engine, source: ResumeFrom) -> str:
     configured, so the app backs up there from now on."""
     url = normalize_url(source.url)
     credentials = Credentials(source.access_key, source.secret_key) if url.startswith("s3://") else None
-    backend = open_backend(url, source.endpoint, None, credentials)
+    backend = open_backend(url, source.endpoint, None, credentials, create=False)
     repo = await asyncio.to_thread(open_remote, engine.home, backend, source.passphrase)
     sessions = await asyncio.to_thread(remote_sessions, repo)
     if not sessions:

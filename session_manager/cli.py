@@ -421,7 +421,7 @@ class Cli:
     def pull(self) -> None:
         home, remotes = self.engine.home, Remotes(self.engine.home)
         remote = remotes.pick(self.args.remote)
-        repo = open_remote(home, remotes.backend(remote))
+        repo = open_remote(home, remotes.backend(remote, create=False))
         sent = replicate(repo, local_target(home, repo), limit=self.args.limit or remote.limit,
                          progress=self._transfer_progress("Pulling"))
         self.out(sent.to_dict(), f"Pulled {sent.objects_done} objects ({size_text(sent.bytes_done)}) from "

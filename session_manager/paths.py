@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,11 @@ def make_private_dir(path: Path) -> Path:
     """``path`` as a directory only this user can enter; refused when another user made it first (in a shared
     directory such as /tmp, someone could otherwise put their own sockets in our place)."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.stat().st_uid != os.getuid():
+    st = os.lstat(path)  # not stat: a link someone else put there is not followed
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{path} is a link or not a directory, so it cannot be kept private; remove it (as its owner "
+                         "or root) and try again.")
+    if st.st_uid != os.getuid():
         raise UsageError(f"{path} belongs to another user, so it cannot be kept private; remove it (as that user or "
                          "root) and try again.")
     os.chmod(path, 0o700)

@@ -61,6 +61,8 @@ class Remote:
 
 def normalize_url(url: str) -> str:
     """``s3://bucket/prefix`` as given (checked), or a directory as ``file:///absolute/path``."""
+    if not url.strip():
+        raise UsageError("No remote was given; name one as s3://BUCKET/PREFIX or as a directory.")
     if url.startswith("s3://"):
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if not _BUCKET_RE.fullmatch(bucket):
@@ -79,15 +81,16 @@ def normalize_url(url: str) -> str:
 
 
 def open_backend(url: str, endpoint: str | None = None, region: str | None = None,
-                 credentials: Credentials | None = None) -> Backend:
-    """The backend of a normalized URL; S3 needs ``credentials``."""
+                 credentials: Credentials | None = None, create: bool = True) -> Backend:
+    """The backend of a normalized URL; S3 needs ``credentials``.  A directory that is not there is made only with
+    ``create`` (to push to); reading from one that is not there is a NotFoundError."""
     if url.startswith("s3://"):
         if credentials is None:
             raise UsageError(f"Credentials for {url} are missing; set {KEY_ENV} and {SECRET_ENV}.")
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         return S3Backend(bucket, prefix, endpoint=endpoint, region=region,
                          access_key=credentials.access_key, secret_key=credentials.secret_key)
-    return LocalBackend(Path(unquote(urlsplit(url).path)))
+    return LocalBackend(Path(unquote(urlsplit(url).path)), create)
 
 
 def env_credentials() -> Credentials | None:
@@ -181,9 +184,9 @@ class Remotes:
         raise UsageError(f"No credentials for remote {remote.name!r} are in the keyring; store them with "
                          f"`session-manager remote add {remote.name} {remote.url}` or set {KEY_ENV} and {SECRET_ENV}.")
 
-    def backend(self, remote: Remote) -> Backend:
+    def backend(self, remote: Remote, create: bool = True) -> Backend:
         return open_backend(remote.url, remote.endpoint, remote.region,
-                            self.credentials(remote) if remote.is_s3 else None)
+                            self.credentials(remote) if remote.is_s3 else None, create)
 
     def source(self, text: str, endpoint: str | None = None, region: str | None = None) -> tuple[Backend, int | None]:
         """(backend, bandwidth limit) of a remote's name or of a URL (credentials: ask_credentials)."""
@@ -191,9 +194,10 @@ class Remotes:
             if remote.name == text:
                 if endpoint or region:
                     raise UsageError(f"{text} is a remote with its own endpoint; leave out --endpoint and --region.")
-                return self.backend(remote), remote.limit
+                return self.backend(remote, create=False), remote.limit
         url = normalize_url(text)
-        return open_backend(url, endpoint, region, ask_credentials(url) if url.startswith("s3://") else None), None
+        return open_backend(url, endpoint, region, ask_credentials(url) if url.startswith("s3://") else None,
+                            create=False), None
 
     def _write(self, remotes: list[Remote]) -> None:
         data = {"remotes": {r.name: {k: v for k, v in asdict(r).items() if k != "name" and v is not None}

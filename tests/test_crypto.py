@@ -181,6 +181,21 @@ def test_passphrases(tmp_path: Path, memory_keyring: MemoryKeyring, monkeypatch:
         Repository.open(root, passphrase="correct horse")
 
 
+@pytest.mark.parametrize("param, value", [("memory_kib", 64 << 20), ("iterations", 10**9), ("lanes", 0),
+                                          ("memory_kib", "lots")])
+def test_a_key_asking_for_too_much_is_skipped(tmp_path: Path, memory_keyring: MemoryKeyring, param: str,
+                                              value: object) -> None:
+    """A hostile or damaged key object cannot make unlocking take 64 GiB or forever: it is skipped (and logged)."""
+    root = tmp_path / "repo"
+    repo = Repository.open(root, create=True)
+    one = repo.add_key("correct horse")
+    hostile = json.loads((root / "keys" / one.id).read_text()) | {param: value}
+    (root / "keys" / one.id).write_text(json.dumps(hostile))
+    memory_keyring.secrets.clear()
+    with pytest.raises(keys.WrongPassphrase):
+        Repository.open(root, passphrase="correct horse")
+
+
 def test_unencrypted_repository_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "repo"
     root.mkdir()

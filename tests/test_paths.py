@@ -39,3 +39,8 @@ def test_a_private_directory_made_by_another_user_is_refused(tmp_path: Path) -> 
     assert stat.S_IMODE(theirs.stat().st_mode) == 0o777  # and it was left as it was
     mine = make_private_dir(tmp_path / "mine" / "deeper")
     assert stat.S_IMODE(mine.stat().st_mode) == 0o700
+    link = tmp_path / "link"  # another user's link to a directory of ours: not followed, refused
+    link.symlink_to(mine)
+    os.lchown(link, 65534, 65534)
+    with pytest.raises(UsageError, match=r"is a link or not a directory, so it cannot be kept private"):
+        make_private_dir(link)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 import signal
 import socket
 import time
@@ -313,6 +314,26 @@ def test_push_killed_midway_resumes_and_sends_only_what_is_missing(s3_server: S3
     assert second["bytes_done"] <= sum(local.values()) - sum(there.values()) + PACK_SIZE
     report = opened.check(read_data=True)
     assert report.ok and report.checkpoints == 3, report.summary()
+
+
+def test_reading_from_a_place_that_is_not_there_creates_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    ingest(Repository.open(home / "data" / "repository", create=True), synthetic_stream(pages(10, 1)), "desk")
+    sm = Sm(home)
+    for url in ("", "  "):
+        r = sm("remote", "add", "here", url, check=False)
+        assert r.returncode != 0 and "No remote was given" in r.stderr
+    assert sm("remote", "list", "--json").json() == []
+    missing = tmp_path / "not-mounted" / "share"
+    r = sm("resume", str(missing), check=False)
+    assert r.returncode != 0 and f"There is no directory {missing}" in r.stderr and len(r.stderr.splitlines()) == 1
+    share = tmp_path / "share"
+    sm("remote", "add", "share", str(share))
+    sm("push")
+    shutil.rmtree(share)  # the share is not mounted now
+    r = sm("pull", check=False)
+    assert r.returncode != 0 and f"There is no directory {share}" in r.stderr
+    assert not missing.parent.exists() and not share.exists()  # nothing was made
 
 
 def test_push_to_an_unreachable_server_fails_in_one_sentence_and_changes_nothing(tmp_path: Path) -> None:

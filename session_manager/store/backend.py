@@ -109,8 +109,13 @@ class LocalBackend(Backend):
     fails rather than overwrite) and its directory fsynced, so a crash leaves either the whole
     object or none of it (plus, at worst, a temporary file that prune removes)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], create: bool = True) -> None:
+        """``create``: make the directory if it is not there (to write a repository); otherwise its absence is a
+        NotFoundError, and nothing is made (a remote to read from, a share that is not mounted)."""
         self.root = Path(path)
+        if not create and not self.root.is_dir():
+            raise NotFoundError(f"There is no directory {self.root}; check the path, or mount the share (nothing was "
+                                "created).")
         self.root.mkdir(parents=True, exist_ok=True)
 
     def __str__(self) -> str:

@@ -183,9 +183,18 @@ def unlock(backend: Backend, repo_id: str, where: str, keyfile: Path | None, pas
                           "of its passphrases.")
 
 
+# What a key object may ask of Argon2id: a hostile or damaged repository must not make unlocking take gigabytes
+# or hours (ours asks 64 MiB, 3 passes, 4 lanes).
+ARGON2_LIMITS = {"memory_kib": 1 << 20, "iterations": 16, "lanes": 16}
+
+
 def _derive(obj: dict[str, Any], passphrase: str) -> bytes:
     if obj["kdf"] != "argon2id":
         raise ValueError(f"unknown kdf {obj['kdf']!r}")
+    for param, limit in ARGON2_LIMITS.items():
+        value = obj[param]
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise ValueError(f"{param} {value!r} is beyond what a key may ask ({limit})")
     return Argon2id(salt=base64.b64decode(obj["salt"], validate=True), length=32, iterations=obj["iterations"],
                     lanes=obj["lanes"], memory_cost=obj["memory_kib"]).derive(passphrase.encode())
 
