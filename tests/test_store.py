@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -522,3 +523,29 @@ def test_blob_table() -> None:
     assert len(other) == 5001 and len(table) == 5000 and table.find(bytes(32)) == -1
     table.add_pack("ab" * 32, [(keys[0], 1, 0, 10, 4096), (bytes(31) + b"\1", 3, 10, 5, 7)])
     assert table.pack[0] == PENDING and table.packs[table.pack[5000]] == "ab" * 32
+
+
+def test_a_damaged_index_file_costs_only_a_look_at_the_packs_headers(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    def pages(seed: int) -> list[bytes | None]:
+        return [random.Random(seed).randbytes(PAGE_SIZE) for _ in range(40)]
+
+    root = tmp_path / "repo"
+    repo = Repository.open(root, create=True)
+    streams = {"a": synthetic_stream(pages(1)), "b": synthetic_stream(pages(2))}
+    infos = {name: ingest(repo, data, session=name) for name, data in streams.items()}
+    victim = sorted((root / "index").iterdir())[0]
+    damaged = bytearray(victim.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01
+    victim.write_bytes(damaged)
+
+    fresh = Repository.open(root)  # another process: it meets the damaged file
+    with caplog.at_level(logging.WARNING, logger="session_manager"):
+        for name, info in infos.items():  # every session still restores, byte for byte
+            fresh.verify(info)
+            assert stream_of(fresh, info) == streams[name]
+    assert f"index/{victim.name}" in caplog.text and "read from their own headers" in caplog.text
+    more = ingest(fresh, synthetic_stream(pages(3)), session="a", parent=infos["a"].id)  # and checkpoints go on
+    assert stream_of(Repository.open(root), more) == synthetic_stream(pages(3))
+    report = fresh.check(read_data=True)  # check names the damaged file, and only it
+    assert not report.ok and report.damaged == [] and all(victim.name in e for e in report.errors), report.errors

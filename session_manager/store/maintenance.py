@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -11,6 +12,7 @@ import blake3
 
 from ..errors import CorruptionError, NotFoundError, UsageError
 from .codec import (
+    IndexEntry,
     blob_ad,
     count_entries,
     decode,
@@ -27,6 +29,8 @@ from .writer import Packer
 
 if TYPE_CHECKING:
     from .repo import CheckpointInfo, Repository
+
+log = logging.getLogger(__name__)
 
 REPACK_BELOW = 0.5  # prune rewrites packs whose live share of bytes is below this
 PRUNE_LOCK_WAIT = 10.0  # seconds prune waits for writers and readers to finish
@@ -172,6 +176,8 @@ def check(repo: Repository, read_data: bool) -> CheckReport:
                     table.add_pack(pack_id.hex(), iter_entries(entries))
             except (CorruptionError, NotFoundError) as e:
                 report.errors.append(str(e))
+        if report.errors:  # as the repository itself reads it then: what a damaged index listed, from the packs
+            index_unlisted_packs(repo, table)
         on_disk = {n.rpartition("/")[2]: n for n in repo.backend.list("data/")}
         report.unused_packs = len(set(on_disk) - set(table.pack_numbers))
         by_pack: dict[int, list[int]] = {}
@@ -399,6 +405,29 @@ def packs_for(repo: Repository, infos: Iterable[CheckpointInfo]) -> set[str]:
         return {f"data/{pack[:2]}/{pack}" for pack in (table.packs[n] for n in numbers)}
 
 
+def pack_entries(repo: Repository, name: str) -> list[IndexEntry]:
+    """The blobs a pack's own header lists (CorruptionError if it has no valid one)."""
+    pack = name.rpartition("/")[2]
+    size = repo.backend.stat(name)
+    hlen = int.from_bytes(repo.backend.load(name, max(0, size - 4), 4), "little")
+    entries, _ = decode_pack_header(repo.master, repo.backend.load(name, max(0, size - 4 - hlen), min(size, hlen + 4)),
+                                    pack)
+    return entries
+
+
+def index_unlisted_packs(repo: Repository, table: BlobTable) -> None:
+    """Add to ``table`` (in memory only) the blobs of every pack no index file lists, from the packs' own headers:
+    what a damaged index file listed stays reachable.  A pack without a valid header stays out (check names it)."""
+    listed = table.pack_numbers
+    for name in sorted(repo.backend.list("data/")):
+        pack = name.rpartition("/")[2]
+        if pack not in listed:
+            try:
+                table.add_pack(pack, pack_entries(repo, name))
+            except (CorruptionError, NotFoundError) as e:
+                log.warning("%s", e)
+
+
 def index_packs(repo: Repository, names: Iterable[str]) -> str | None:
     indexed = repo._index().pack_numbers
     packs = []
@@ -406,10 +435,7 @@ def index_packs(repo: Repository, names: Iterable[str]) -> str | None:
         pack = name.rpartition("/")[2]
         if pack in indexed:
             continue
-        size = repo.backend.stat(name)
-        hlen = int.from_bytes(repo.backend.load(name, max(0, size - 4), 4), "little")
-        entries, _ = decode_pack_header(repo.master, repo.backend.load(name, max(0, size - 4 - hlen),
-                                                                       min(size, hlen + 4)), pack)
+        entries = pack_entries(repo, name)
         packs.append((bytes.fromhex(pack), len(entries), iter(entries)))
     if not packs:
         return None

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import secrets
@@ -57,6 +58,8 @@ from .keys import KeyInfo
 from .lock import Lock
 from .maintenance import CheckReport, DuStats, PruneStats
 from .writer import FORMAT_VERSION, MemoryStats, Writer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CheckReport", "CheckpointInfo", "DuStats", "KeyInfo", "MemoryStats", "PruneStats", "Repository", "Writer"]
 
@@ -183,10 +186,20 @@ class Repository:
             names = set(self.backend.list("index/"))
             if not names >= self._index_names:  # prune replaced index files: start over
                 self._table, self._index_names = BlobTable(), set()
+            damaged = False
             for name in sorted(names - self._index_names):
-                for pack_id, entries in self._load_index(name):
+                try:
+                    loaded = self._load_index(name)
+                except CorruptionError as e:  # one damaged file costs only a look at the packs' own headers
+                    log.warning("%s; the packs no other index file lists are read from their own headers "
+                                "instead, and `session-manager check` reports it.", str(e).rstrip("."))
+                    damaged = True
+                    loaded = []
+                for pack_id, entries in loaded:
                     self._table.add_pack(pack_id.hex(), iter_entries(entries))
                 self._index_names.add(name)
+            if damaged:
+                maintenance.index_unlisted_packs(self, self._table)
             return self._table.copy() if copy else self._table
 
     def _load_index(self, name: str) -> list[tuple[bytes, memoryview]]:
