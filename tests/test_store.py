@@ -549,3 +549,31 @@ def test_a_damaged_index_file_costs_only_a_look_at_the_packs_headers(tmp_path: P
     assert stream_of(Repository.open(root), more) == synthetic_stream(pages(3))
     report = fresh.check(read_data=True)  # check names the damaged file, and only it
     assert not report.ok and report.damaged == [] and all(victim.name in e for e in report.errors), report.errors
+
+
+def test_a_damaged_manifest_a_stray_file_or_a_damaged_pin_hide_only_themselves(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    repo = Repository.open(root, create=True)
+    data = {s: synthetic_stream([random.Random(i).randbytes(PAGE_SIZE) for _ in range(8)]) for i, s in
+            enumerate(("a", "b"))}
+    a1, a2 = ingest(repo, data["a"], session="a"), ingest(repo, data["a"], session="a")
+    b1 = ingest(repo, data["b"], session="b")
+    pinned = repo.annotate(a1, pinned=True)
+    manifest = root / "checkpoints" / b1.id
+    flipped = bytearray(manifest.read_bytes())
+    flipped[-5] ^= 0x01
+    manifest.write_bytes(flipped)
+    (root / "checkpoints" / "stray").write_bytes(b"not a manifest")
+    note = next((root / "annotations").glob(f"{pinned.id}-*"))
+    flipped = bytearray(note.read_bytes())
+    flipped[-3] ^= 0x01
+    note.write_bytes(flipped)
+
+    fresh = Repository.open(root)
+    assert [c.id for c in fresh.checkpoints()] == [a1.id, a2.id]  # b's is hidden; everything else works
+    assert fresh.checkpoints("a")[0].meta["pinned"] is True  # a damaged pin keeps the checkpoint, never unpins it
+    assert [c.id for c in fresh.forget("a", keep_last=1, keep_manual=False)] == []  # the formerly pinned one stays
+    report = fresh.check(read_data=True)  # reports every damaged object, never raises
+    assert not report.ok and report.damaged == sorted([b1.id, "stray"])
+    text = " ".join(report.errors)
+    assert b1.id[:8] in text and "checkpoints/stray" in text and note.name in text, report.errors

@@ -189,7 +189,21 @@ def check(repo: Repository, read_data: bool) -> CheckReport:
             _check_pack(repo, table, pack, on_disk.get(pack), positions, read_data, bad, report)
         report.packs, report.blobs = len(by_pack), len(table)
         walker = Walker(repo, table, bad)
-        for info in repo.checkpoints():
+        infos = repo.checkpoints()  # without the damaged manifests, which are reported here
+        listed = {info.id for info in infos}
+        for name in sorted(repo.backend.list("checkpoints/")):
+            ckpt_id = name.removeprefix("checkpoints/")
+            if ckpt_id not in listed:
+                try:
+                    repo._read_manifest(ckpt_id)
+                except (CorruptionError, NotFoundError) as e:
+                    report.errors.append(f"{str(e).rstrip('.')} ({name}).")
+                    report.damaged.append(ckpt_id)
+        for info in infos:
+            if info.meta.get("damaged_annotation"):
+                report.errors.append(f"The annotation {info.meta['damaged_annotation']} is damaged; checkpoint "
+                                     f"{info.id[:8]} is kept as if pinned until it is pinned or unpinned again.")
+        for info in infos:
             report.checkpoints += 1
             problems = walker.walk(info)
             if problems:

@@ -288,9 +288,16 @@ class Repository:
             if name not in self._annotations:
                 try:
                     plain = decode(self.master, name.encode(), self.backend.load(name), None, f"The annotation {name}")
-                    self._annotations[name] = json.loads(plain)
-                except (NotFoundError, ValueError, CorruptionError):
+                    annotation = json.loads(plain)
+                    if not isinstance(annotation, dict):
+                        raise ValueError(name)
+                    self._annotations[name] = annotation
+                except NotFoundError:
                     continue
+                except (ValueError, CorruptionError):  # it may have pinned the checkpoint: keep it, say so
+                    log.warning("The annotation %s is damaged; checkpoint %s is kept as if pinned until it is "
+                                "pinned or unpinned again.", name, ckpt_id[:8])
+                    self._annotations[name] = {"pinned": True, "damaged_annotation": name}
             out[ckpt_id] = self._annotations[name]
         return out
 
@@ -311,6 +318,9 @@ class Repository:
             try:
                 m = self._manifest(ckpt_id)
             except NotFoundError:  # deleted meanwhile
+                continue
+            except CorruptionError as e:  # one damaged manifest (or a stray file) hides only itself; check names it
+                log.warning("%s", e)
                 continue
             if session is None or m["session"] == session:
                 infos.append(self._info(m, annotations.get(ckpt_id, {})))
