@@ -25,7 +25,7 @@ from .checkpoint_migration import CheckpointReceiver
 from .checkpoint_migration import send as send_checkpoint
 from .daemon import Daemon, recovered_message
 from .engine import DEMO_NAME, UFFD_ADVICE, Engine
-from .errors import PeerError, SessionManagerError, UsageError
+from .errors import DamagedError, PeerError, SessionManagerError, UsageError
 from .identity import check_id, installation_name, load_identity, matches, short_id
 from .live_migration import Receiver, describe
 from .live_migration import migrate as live_migrate
@@ -128,16 +128,25 @@ class Cli:
 
     def list(self) -> None:
         rows: list[dict[str, Any]] = []
+        damaged: list[str] = []
         for s in self.engine.sessions():
-            st = asyncio.run(self.engine.status(s.name))
+            try:
+                st = asyncio.run(self.engine.status(s.name))
+            except DamagedError as e:  # one session's damaged file: the others are listed all the same
+                damaged.append(str(e))
+                rows.append({"name": s.name, "state": "damaged", "memory_mib": None, "cpus": None, "head": None,
+                             "checkpoints": len(self.engine.checkpoints(s.name))})
+                continue
             state = st.run_state or ("crashed" if st.crashed else f"running on {st.moved_to}" if st.moved_to
                                      else "saved" if st.saved else "stopped")
             rows.append({"name": s.name, "state": state, "memory_mib": st.memory_mib, "cpus": st.cpus,
                          "head": st.head, "checkpoints": len(self.engine.checkpoints(s.name))})
-        self.out(rows, lambda: table([[r["name"], r["state"], f"{r['memory_mib']} MiB", r["cpus"],
-                                       r["checkpoints"], (r["head"] or "-")[:8]] for r in rows],
+        self.out(rows, lambda: table([[r["name"], r["state"], f"{r['memory_mib']} MiB" if r["memory_mib"] else "-",
+                                       r["cpus"] or "-", r["checkpoints"], (r["head"] or "-")[:8]] for r in rows],
                                      ["NAME", "STATE", "MEMORY", "CPUS", "CHECKPOINTS", "HEAD"])
                  if rows else "No sessions yet; `session-manager demo` creates one to try.")
+        if damaged:
+            raise DamagedError(" ".join(damaged))
 
     def start(self) -> None:
         name = self.args.name

@@ -40,3 +40,7 @@ class RepositoryError(SessionManagerError):
 
 class CorruptionError(RepositoryError):
     """Data in the repository is missing or does not match its hash."""
+
+
+class DamagedError(SessionManagerError):
+    """One of our own files (a session's config or state) cannot be read; only what it belongs to is affected."""

@@ -25,8 +25,8 @@ from typing import Literal
 
 import tomli_w
 
-from .errors import NotFoundError, UsageError
-from .paths import Home, check_name
+from .errors import DamagedError, NotFoundError, UsageError
+from .paths import Home, check_name, valid_name
 
 BootKind = Literal["kernel", "disk", "iso"]
 
@@ -116,11 +116,26 @@ class Session:
 
     # -- config and state ----------------------------------------------------
     def load_config(self) -> SessionConfig:
-        with open(self.require().config_file, "rb") as f:
-            return SessionConfig(**tomllib.load(f))
+        path = self.require().config_file
+        try:
+            with open(path, "rb") as f:
+                return SessionConfig(**tomllib.load(f))
+        except (OSError, ValueError, TypeError) as e:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+            raise self._damaged(path, e) from None
 
     def load_state(self) -> SessionState:
-        return SessionState(**json.loads(self.state_file.read_text()))
+        try:
+            fields = json.loads(self.state_file.read_text())
+            if not isinstance(fields, dict):
+                raise TypeError("not a JSON object")
+            return SessionState(**fields)
+        except (OSError, ValueError, TypeError) as e:
+            raise self._damaged(self.state_file, e) from None
+
+    def _damaged(self, path: Path, e: Exception) -> DamagedError:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
+        return DamagedError(f"Session {self.name!r} cannot be read: {path} is damaged ({why}); repair or remove that "
+                            "file (its checkpoints are safe in the repository); the other sessions are not affected.")
 
     def save_state(self, state: SessionState) -> None:
         _atomic_write(self.state_file, json.dumps(asdict(state), indent=2).encode())
@@ -148,7 +163,8 @@ class Session:
 def list_sessions(home: Home) -> list[Session]:
     if not home.sessions.is_dir():
         return []
-    return [Session(home, p.name) for p in sorted(home.sessions.iterdir()) if (p / "config.toml").is_file()]
+    return [Session(home, p.name) for p in sorted(home.sessions.iterdir())
+            if valid_name(p.name) and (p / "config.toml").is_file()]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -157,3 +158,18 @@ def test_everything_in_the_home_is_private_whatever_the_umask(sm: Sm, guest: tup
     assert shared == []
     disks = list((sm.home / "data" / "sessions" / "mine").rglob("*.qcow2"))
     assert disks and all(d.stat().st_mode & 0o777 == 0o600 for d in disks)  # the whole disk, in plain text
+
+
+def test_a_damaged_session_file_affects_only_its_session(sm: Sm, guest: tuple[Path, Path]) -> None:
+    for name in ("good", "badconfig", "badstate"):
+        sm.new_guest(name, guest)
+    (sm.home / "data" / "sessions" / "badconfig" / "config.toml").write_text("memory_mib = \n")
+    (sm.home / "data" / "sessions" / "badstate" / "state.json").write_text("{\"active_layer\": ")
+    run = sm("list", "--json", check=False)
+    assert run.returncode != 0 and json.loads(run.stdout)[1]["name"] == "badstate"
+    assert [(r["name"], r["state"]) for r in json.loads(run.stdout)] == [
+        ("badconfig", "damaged"), ("badstate", "damaged"), ("good", "stopped")]
+    message = fails(run, "config.toml is damaged", "state.json is damaged", "the other sessions are not affected")
+    assert "Traceback" not in message
+    assert sm("status", "good", "--json").json()["run_state"] is None
+    fails(sm("start", "badconfig", check=False), "badconfig", "config.toml is damaged")
