@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import UsageError
+from .files import atomic_write
 from .paths import Home, make_private_dir
 
 VALID_DAYS = 100 * 365
@@ -76,8 +77,8 @@ def _create(folder: Path) -> None:
     dns = [n for n in dict.fromkeys([name, TLS_HOSTNAME]) if re.fullmatch(r"[A-Za-z0-9.-]{1,253}", n)]
     cert, key = certificate(f"session-manager on {name}"[:64], dns, VALID_DAYS)
     new = make_private_dir(folder.with_name(f".{folder.name}.{os.getpid()}"))
-    _write_private(new / "key.pem", key)
-    (new / "cert.pem").write_bytes(cert)
+    atomic_write(new / "key.pem", key)
+    atomic_write(new / "cert.pem", cert)
     try:
         os.rename(new, folder)
     except OSError:  # another process made it first
@@ -119,16 +120,6 @@ def certificate(common_name: str, names: Sequence[str], days: int) -> tuple[byte
     return (cert.public_bytes(serialization.Encoding.PEM),
             key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                               serialization.NoEncryption()))
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, readable by the owner only."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def fingerprint(cert: bytes | x509.Certificate) -> str:
@@ -177,5 +168,5 @@ def write_qemu_tls_dir(folder: Path, identity: Identity, peer_cert_pem: bytes,
     make_private_dir(folder)
     (folder / "ca-cert.pem").write_bytes(peer_cert_pem)
     (folder / f"{endpoint}-cert.pem").write_bytes(identity.cert_pem)
-    _write_private(folder / f"{endpoint}-key.pem", identity.key_file.read_bytes())
+    atomic_write(folder / f"{endpoint}-key.pem", identity.key_file.read_bytes())
     return folder

@@ -12,7 +12,6 @@ the agent while the requesting installation stays connected and removed when it 
 from __future__ import annotations
 
 import json
-import os
 import re
 import tomllib
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from typing import Any
 import tomli_w
 
 from .errors import NotFoundError, PeerError, UsageError
+from .files import atomic_write
 from .identity import fingerprint, matches, short_id
 from .paths import Home
 
@@ -143,10 +143,7 @@ class Peers:
     def _write(self, peers: list[Peer]) -> None:
         data = {"peers": {p.name: {k: v for k, v in asdict(p).items() if k != "name"}
                           for p in sorted(peers, key=lambda p: p.name)}}
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_name(f".{self.file.name}.tmp")
-        tmp.write_text(tomli_w.dumps(data, multiline_strings=True))
-        os.replace(tmp, self.file)
+        atomic_write(self.file, tomli_w.dumps(data, multiline_strings=True).encode())
 
     # -- pairing requests ------------------------------------------------------------------------------
     def request_file(self, fingerprint: str) -> Path:

@@ -26,6 +26,7 @@ import tomli_w
 
 from .engine import Engine, Progress, Status
 from .errors import NotFoundError, RepositoryError, SessionManagerError, UsageError
+from .files import atomic_write
 from .keychain import KeyringUnavailable, delete_secret, get_secret, set_secret
 from .paths import Home
 from .sessions import Session
@@ -202,10 +203,7 @@ class Remotes:
     def _write(self, remotes: list[Remote]) -> None:
         data = {"remotes": {r.name: {k: v for k, v in asdict(r).items() if k != "name" and v is not None}
                             for r in sorted(remotes, key=lambda r: r.name)}}
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_name(f".{self.file.name}.tmp")
-        tmp.write_text(tomli_w.dumps(data))
-        os.replace(tmp, self.file)
+        atomic_write(self.file, tomli_w.dumps(data).encode())
 
 
 def _secret_name(remote: str) -> str:

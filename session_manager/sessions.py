@@ -15,7 +15,6 @@ The user's own disk image is only ever a read-only backing file.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from typing import Literal
 import tomli_w
 
 from .errors import DamagedError, NotFoundError, UsageError
+from .files import atomic_write
 from .paths import Home, check_name, valid_name
 
 BootKind = Literal["kernel", "disk", "iso"]
@@ -138,7 +138,7 @@ class Session:
                             "file (its checkpoints are safe in the repository); the other sessions are not affected.")
 
     def save_state(self, state: SessionState) -> None:
-        _atomic_write(self.state_file, json.dumps(asdict(state), indent=2).encode())
+        atomic_write(self.state_file, json.dumps(asdict(state), indent=2).encode())
 
     def layer_path(self, layer: str) -> Path:
         return self.disks / layer
@@ -152,7 +152,7 @@ class Session:
         self.disks.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.save_state(SessionState(active_layer=first_layer))
-        _atomic_write(self.config_file, config.to_toml().encode())
+        atomic_write(self.config_file, config.to_toml().encode())
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -166,11 +166,3 @@ def list_sessions(home: Home) -> list[Session]:
     return [Session(home, p.name) for p in sorted(home.sessions.iterdir())
             if valid_name(p.name) and (p / "config.toml").is_file()]
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -3,7 +3,7 @@
 A missing file means the defaults.  A file that cannot be used (broken TOML, a
 value of the wrong type) is refused with a :class:`UsageError` naming the file
 and the key; keys this version does not know are ignored with a logged warning.
-The file is written atomically: a temporary file beside it, then ``os.replace``.
+The file is written atomically (files.atomic_write).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import tomli_w
 
 from .errors import UsageError
+from .files import atomic_write
 from .paths import Home, valid_name
 
 log = logging.getLogger(__name__)
@@ -92,17 +92,7 @@ class Settings:
         path = self.path(home)
         data = tomli_w.dumps({k: v for k, v in asdict(self).items() if v is not None}).encode()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            atomic_write(path, data)
         except OSError as e:
             raise UsageError(
                 f"Could not save the settings to {_shown(path)} ({e.strerror}); check that its directory is writable."

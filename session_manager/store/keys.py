@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from ..errors import NotFoundError, RepositoryError, UsageError
+from ..files import atomic_write
 from ..keychain import KeyringUnavailable, get_secret, set_secret
 from .backend import Backend
 from .codec import NONCE_SIZE, MasterKey
@@ -120,17 +121,7 @@ def remember(repo_id: str, key: MasterKey, where: str, keyfile: Path | None) -> 
         log.info("The key of the repository at %s is not cached (%s).", where, reason)
         return
     keys = {**_read_keyfile(keyfile), repo_id: _b64(key.raw)}
-    keyfile.parent.mkdir(parents=True, exist_ok=True)
-    tmp = keyfile.with_name(f".{keyfile.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(keys, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, keyfile)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(keyfile, json.dumps(keys).encode())
     log.warning("No usable keyring (%s): the key of the repository at %s is kept in %s (mode 0600); "
                 "`session-manager key add` sets a passphrase, which also opens it on other computers.",
                 reason, where, keyfile)
