@@ -82,6 +82,7 @@ class Call:
     send: Callable[[Any], Awaitable[None]]
     closed: asyncio.Event  # set when the caller's connection ends (a handler may leave work tied to it)
     relay: Relay | None = None  # set by a handler to take over the connection after its result (module docstring)
+    presented: str | None = None  # the fingerprint of the certificate the caller has proven it holds, if any
 
 
 Handler = Callable[[Call], Awaitable[Any]]
@@ -283,12 +284,12 @@ class Agent:
                 await send({"error": f"{self.name} does not know the request {shown(command)}; update "
                                      f"session-manager there to version {__version__} or later."})
                 continue
-            claimed = self.peers.find(str(args.get("fingerprint"))) if command == "hello" and not asked else None
-            if claimed:
-                self._tls.load_verify_locations(cadata=claimed.certificate)
+            if command == "hello" and not asked and (offered := self._offered(args)):
+                self._tls.load_verify_locations(cadata=offered)
                 tls.verify_client_post_handshake()  # sent with the reply; the certificate precedes the next call
                 asked = True
-            call = Call(command, args, peer, host, lambda message: send({"event": message}), closed)
+            call = Call(command, args, peer, host, lambda message: send({"event": message}), closed,
+                        presented=fingerprint(der) if der else None)
             reply = await self._run(handler, call, reader)
             if reply is None:
                 log.info("%s left during %s; the call was cancelled", host, shown(command))
@@ -319,6 +320,20 @@ class Agent:
         log.error("%s failed", call.command, exc_info=error)
         return {"error": f"{self.name} failed to handle {call.command} ({type(error).__name__}); its log "
                          "(session-manager.log) says more."}
+
+    def _offered(self, args: dict[str, Any]) -> str | None:
+        """The certificate (PEM) a hello asks us to request: a paired peer's, or the one an installation that wants to
+        pair sends along (``certificate``), if it is the one its ``fingerprint`` names."""
+        claimed = self.peers.find(str(args.get("fingerprint")))
+        if claimed:
+            return claimed.certificate
+        offered = args.get("certificate")
+        try:
+            if isinstance(offered, str) and len(offered) < 8192 and fingerprint(offered.encode()) == args["fingerprint"]:
+                return offered
+        except (ValueError, KeyError):
+            pass
+        return None
 
     def _refuse_quietly(self, host: str, text: str) -> None:
         """Say ``text`` at most once a QUIET_SECONDS per address: a stranger's flood does not flood the log."""
@@ -366,6 +381,9 @@ class Agent:
         except (KeyError, TypeError, ValueError):
             raise PeerError(f"{self.name} received a malformed pairing request; use the same version of "
                             "session-manager on both computers.") from None
+        if call.presented != theirs:  # a request is filed under the certificate its caller holds, never another
+            raise PeerError(f"{self.name} files a pairing request only for the certificate the caller presents; "
+                            "use the same version of session-manager on both computers.")
         if self.peers.find(theirs) is None:
             path = self.peers.request_file(theirs)
             waiting = [r for r in self.peers.requests.glob("*") if r != path] if self.peers.requests.is_dir() else []
@@ -439,10 +457,12 @@ class Connection:
                             "log.") from None
         raise PeerError(f"{self.name} closed the connection during {command}; its log says why.")
 
-    async def hello(self) -> dict[str, Any]:
-        """The other side's name, id, fingerprint, version and whether it has us paired."""
+    async def hello(self, offer: bool = False) -> dict[str, Any]:
+        """The other side's name, id, fingerprint, version and whether it has us paired; with ``offer`` our certificate
+        goes along, for an installation that has not paired us yet to ask for (pairing)."""
+        extra = {"certificate": self.identity.cert_pem.decode()} if offer else {}
         result: dict[str, Any] = await self.call("hello", timeout=TIMEOUT, name=installation_name(),
-                                                 fingerprint=self.identity.fingerprint)
+                                                 fingerprint=self.identity.fingerprint, **extra)
         return result
 
     def hand_over(self, protocol: asyncio.BaseProtocol) -> None:
@@ -529,7 +549,7 @@ async def pair(home: Home, address: str, confirm: Callable[[str, str], None], *,
     address = format_address(*parse_address(address))
     conn = await _open(address, identity, address)
     try:
-        hello = await conn.hello()
+        hello = await conn.hello(offer=True)
         if conn.fingerprint == identity.fingerprint:
             raise UsageError(f"{address} is this installation itself; give the address of another computer's agent.")
         confirm(str(hello["name"]), conn.fingerprint)

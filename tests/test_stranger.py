@@ -14,20 +14,32 @@ from pathlib import Path
 
 from conftest import Sm
 from session_manager.agent import MAX_PER_ADDRESS, TIMEOUT
-from session_manager.identity import certificate
+from session_manager.identity import certificate, fingerprint
 from test_peers import log_text, serving
 
 
 @contextmanager
-def tls(port: int) -> Iterator[ssl.SSLSocket]:
-    """A TLS connection to the agent without a certificate, as any stranger can open."""
+def tls(port: int, as_: tuple[Path, Path] | None = None) -> Iterator[ssl.SSLSocket]:
+    """A TLS connection to the agent, as any stranger can open: without a certificate, or ready to present ``as_``
+    (certificate and key files) when the agent asks."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    if as_:
+        ctx.load_cert_chain(*as_)
+        ctx.post_handshake_auth = True
     sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=30))
     try:
         yield sock
     finally:
         sock.close()
+
+
+def stranger(tmp_path: Path, name: str) -> tuple[Path, Path, str]:
+    """A new installation's certificate and key files, and the certificate."""
+    cert, key = certificate(name, ["127.0.0.1"], 1)
+    (tmp_path / f"{name}.pem").write_bytes(cert)
+    (tmp_path / f"{name}.key").write_bytes(key)
+    return tmp_path / f"{name}.pem", tmp_path / f"{name}.key", cert.decode()
 
 
 def call(sock: ssl.SSLSocket, command: str, **args: object) -> dict:
@@ -64,18 +76,23 @@ def test_silent_connections_are_dropped_and_capped(tmp_path: Path) -> None:
 def test_pairing_requests_are_bounded_and_nothing_forges_the_log(tmp_path: Path) -> None:
     b = Sm(tmp_path / "b")
     with serving(b) as port:
-        with tls(port) as waiting:
-            cert, _ = certificate("mallory", ["127.0.0.1"], 1)
-            forged = "mallory\n2026-01-01 00:00:00,000 1 session_manager.agent WARNING forged\x1b[2J"
-            waiting.sendall(json.dumps({"call": "pair", "args": {"name": "mallory", "certificate": cert.decode(),
+        cert_file, key_file, cert = stranger(tmp_path, "mallory")
+        with tls(port) as liar:  # a request for a certificate the caller does not present: refused, nothing filed
+            answer = call(liar, "pair", name="mallory", certificate=cert, port=1)
+            assert "only for the certificate the caller presents" in answer["error"], answer
+        with tls(port, (cert_file, key_file)) as waiting:
+            call(waiting, "hello", name="mallory", fingerprint=fingerprint(cert.encode()), certificate=cert)
+            waiting.sendall(json.dumps({"call": "pair", "args": {"name": "mallory", "certificate": cert,
                                                                 "port": 1}}).encode() + b"\n")
             assert json.loads(waiting.makefile("rb").readline()) == {"event": {"waiting": True}}
             for i in range(20):  # a flood from the same address: one sentence each, no file each
-                with tls(port) as flood:
-                    other, _ = certificate(f"m{i}", ["127.0.0.1"], 1)
-                    answer = call(flood, "pair", name=f"m{i}", certificate=other.decode(), port=1)
+                other_cert, other_key, other = stranger(tmp_path, f"m{i}")
+                with tls(port, (other_cert, other_key)) as flood:
+                    call(flood, "hello", name=f"m{i}", fingerprint=fingerprint(other.encode()), certificate=other)
+                    answer = call(flood, "pair", name=f"m{i}", certificate=other, port=1)
                     assert "pairing requests waiting already" in answer["error"], answer
             assert len(list((b.home / "run" / "pairing").glob("*"))) == 1
+            forged = "mallory\n2026-01-01 00:00:00,000 1 session_manager.agent WARNING forged\x1b[2J"
             with tls(port) as liar:
                 call(liar, "hello", name=forged, fingerprint="x")
                 call(liar, forged, x=1)
