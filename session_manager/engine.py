@@ -555,11 +555,18 @@ class Engine:
         state = session.load_state()
         return [i for i in (state.head, state.saved) if i]
 
+    def has_repository(self) -> bool:
+        """Whether this home has a repository yet; commands that only read make none (nor its key)."""
+        return (self.home.repository / "config").is_file()
+
     def checkpoints(self, name: str) -> list[CheckpointInfo]:
         self.session(name)
-        return self.repo.checkpoints(session=name)
+        return self.repo.checkpoints(session=name) if self.has_repository() else []
 
     def find_checkpoint(self, session: Session, ref: str) -> CheckpointInfo:
+        if not self.has_repository():
+            raise NotFoundError(f"Checkpoint {ref} does not exist: this computer has no checkpoints yet; "
+                                f"`session-manager checkpoint {session.name}` takes one.")
         ckpt = self.repo.get(ref)
         if ckpt.session != session.name:
             raise NotFoundError(

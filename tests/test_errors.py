@@ -173,3 +173,12 @@ def test_a_damaged_session_file_affects_only_its_session(sm: Sm, guest: tuple[Pa
     assert "Traceback" not in message
     assert sm("status", "good", "--json").json()["run_state"] is None
     fails(sm("start", "badconfig", check=False), "badconfig", "config.toml is damaged")
+
+
+def test_a_failing_command_on_a_new_home_makes_no_repository(sm: Sm, guest: tuple[Path, Path]) -> None:
+    sm.new_guest("fresh", guest)
+    assert sm("list", "--json").json()[0]["checkpoints"] == 0
+    assert sm("checkpoints", "fresh", "--json").json() == []
+    fails(sm("restore", "fresh", "0123abcd", check=False), "Checkpoint 0123abcd does not exist")
+    fails(sm("pin", "fresh", "0123abcd", check=False), "0123abcd")
+    assert not (sm.home / "data" / "repository").exists()  # nor its key in a keyring or key file
