@@ -214,8 +214,9 @@ class Agent:
     # |                            |                   | where this computer keeps none for it (never replaces one)   |
     # | repo-list, -sizes, -stat,  | paired            | reads objects of this home's repository, named as the        |
     # | -load                      |                   | repository names them: nothing outside it                    |
-    # | repo-save                  | paired            | adds objects the repository lacks, never replaces one; at    |
-    # |                            |                   | most 16 half-sent at once, dropped when the connection ends  |
+    # | repo-save                  | paired            | adds objects the repository lacks, never replaces one, never |
+    # |                            |                   | a key; at most 16 half-sent at once, dropped when the        |
+    # |                            |                   | connection ends                                              |
     # | repo-delete                | paired            | only the lock files the caller made itself                   |
     # | session-adopt              | paired            | creates a stopped session from a checkpoint by its whole id, |
     # |                            |                   | under arrivals.py's rules (or updates one that came from or  |

@@ -192,6 +192,9 @@ class CheckpointReceiver:
         data, upload, name = _unb64(call.args.get("data")), call.args.get("upload"), call.args.get("name")
         if name is not None:
             name = _object_name(name)
+            if name.startswith("keys/"):
+                raise PeerError(f"{installation_name()} takes no keys for its repository from {peer}; it keeps the "
+                                "master key repo-open handed over.")
             if name.startswith("locks/"):
                 self.locks.add((peer, name))
         if upload is None and name is not None:  # the whole object at once
@@ -400,6 +403,6 @@ async def _copy(engine: Engine, conn: Connection, ids: list[str], progress: Tran
                     key=_b64(repo.master.raw))
     try:
         return await asyncio.to_thread(replicate, repo, AgentBackend(conn, asyncio.get_running_loop()),
-                                       checkpoints=ids, progress=progress, stop=stop)
+                                       checkpoints=ids, progress=progress, stop=stop, keys=False)
     finally:
         stop.set()

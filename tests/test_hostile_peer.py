@@ -104,6 +104,7 @@ def test_a_paired_peer_may_only_do_what_pairing_is_for(tmp_path: Path, guest: tu
                 ("migrate-finish", {"name": "own"}),
                 ("qemu-info", {}),  # 20: allowed
                 ("repo-list", {"prefix": "checkpoints/"}),  # allowed: reads the repository
+                ("repo-save", {"name": "keys/" + "ab" * 8, "data": base64.b64encode(b"{}").decode()}),  # 22
             ])
             refused(answers[0], "has no session named 'own' from a")
             refused(answers[1], "ISO /etc/passwd", "arrivals_boot_dirs")
@@ -122,8 +123,10 @@ def test_a_paired_peer_may_only_do_what_pairing_is_for(tmp_path: Path, guest: tu
             refused(answers[17], "whole id")
             assert answers[18] == {"running_here": False}  # and nothing about b's own session
             refused(answers[19], "No migration of session 'own' from a")
-            assert answers[20]["version"] and answers[21] == [f"checkpoints/{c}" for c in sorted(
+            assert answers[20]["version"] and sorted(answers[21]) == [f"checkpoints/{c}" for c in sorted(
                 p.name for p in (repo / "checkpoints").iterdir())]
+            refused(answers[22], "takes no keys")  # a passphrase of a's would open b's repository
+            assert not (repo / "keys" / ("ab" * 8)).exists()
 
             # c, paired as well, cannot reach what a sent.
             visitor = b("checkpoints", "visitor", "--json").json()[-1]["id"]

@@ -142,8 +142,11 @@ class _Copy:
 
 def replicate(src: Repository, dst: Backend, *, checkpoints: Collection[str] | None = None,
               limit: int | None = None, progress: TransferProgress | None = None,
-              stop: threading.Event | None = None) -> Transfer:
+              stop: threading.Event | None = None, keys: bool = True) -> Transfer:
     """Copy to ``dst`` what it misses of ``src`` (or of the given checkpoints: ids or unique prefixes).
+
+    ``keys``: also the passphrase-wrapped keys (``keys/``); without them the destination opens the repository only
+    with the master key it was given (a paired peer's repository, which takes no keys from us).
 
     ``limit``: bytes a second on average.  ``stop`` (set from any thread) ends the copy after the
     objects in flight, before the next kind of object; what was sent stays and counts.
@@ -176,8 +179,8 @@ def replicate(src: Repository, dst: Backend, *, checkpoints: Collection[str] | N
             indexes = []
             needed = src.packs_for(ids)
             packs = missing("data/", needed.__contains__)
-        keys = missing("keys/") + (copy.plan({"config": len(config)}) if there is None else [])
-        for names in (keys, packs, indexes):
+        first = (missing("keys/") if keys else []) + (copy.plan({"config": len(config)}) if there is None else [])
+        for names in (first, packs, indexes):
             if not copy.run(names):
                 return copy.total
         if checkpoints is not None:
