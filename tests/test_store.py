@@ -625,3 +625,26 @@ def test_one_damaged_object_costs_only_what_it_holds(tmp_path: Path, memory_keyr
         assert not report.ok and all(len(e.splitlines()) == 1 for e in report.errors)
     if kind == "annotation" and damage == "flip":
         assert fresh.get(b.id).meta["pinned"] is True  # a damaged annotation keeps what it might have pinned
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing"])
+def test_a_damaged_repository_config_is_named_in_one_sentence_and_nothing_changes(tmp_path: Path,
+                                                                                 memory_keyring: object,
+                                                                                 damage: str) -> None:
+    """The config is the repository's identity: nothing opens without it, but nothing is written either."""
+    root = tmp_path / "repo"
+    ingest(Repository.open(root, create=True), synthetic_stream([random.Random(1).randbytes(PAGE_SIZE)]), "a")
+    config = root / "config"
+    if damage == "flip":
+        data = bytearray(config.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        config.write_bytes(data)
+    elif damage == "truncate":
+        config.write_bytes(config.read_bytes()[:10])
+    else:
+        config.unlink()
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    with pytest.raises(RepositoryError) as e:
+        Repository.open(root)
+    assert len(str(e.value).splitlines()) == 1 and str(root) in str(e.value), e.value
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before

@@ -118,6 +118,10 @@ class Repository:
         root = Path(path)
         keyfile = repo_keys.keyfile_for(root)
         if not (root / "config").exists():
+            if any(any((root / sub).glob("*")) for sub in ("checkpoints", "index", "keys")):
+                raise CorruptionError(f"The repository at {root} has lost its configuration (the file config), so "
+                                      "nothing opens it; restore that file from a backup of the repository (nothing "
+                                      "was changed, and no new repository is made over the old one).")
             if not create:
                 raise NotFoundError(f"No checkpoint repository exists at {root}; create one by taking a checkpoint.")
             for sub in ("index", "checkpoints", "annotations", "locks", "keys", *(f"data/{i:02x}" for i in range(256))):
