@@ -452,6 +452,9 @@ class Migration:
             )
             fraction = 1 - remaining / total if total else -1
             if status == "pre-switchover":
+                if mirror_done:  # QEMU 10 may still say so for a moment after migrate-continue: wait, once only
+                    await asyncio.sleep(SWITCH_POLL)
+                    continue
                 # The guest is stopped: bring the disk copy up to date, end it without a pivot, and let QEMU
                 # send the last pages and the device state.
                 self._report("switchover", -1, **details)
