@@ -276,7 +276,8 @@ class Engine:
         text = _read(self.sockets(session).runtime / "qemu") if self.sockets(session).pid() is not None else None
         if text and len(lines := text.splitlines()) == 2:
             return lines[0], lines[1]
-        return self.qemu.version_text, self.qemu.system
+        qemu = self.qemu  # reads the settings once
+        return qemu.version_text, qemu.system
 
     async def _note_live_support(self, machine: Machine, session: Session) -> bool:
         live = await live_supported(machine)
