@@ -44,14 +44,14 @@ from s3server import S3Server, s3_server  # noqa: E402
 
 from benchmarks.checkpoint import wait_migrated  # noqa: E402
 from benchmarks.common import guest_arguments, machine_line, wait_serial  # noqa: E402
-from session_manager.autosave import Autosaver, AutosavePolicy  # noqa: E402
 from session_manager.cli import _setup_logging  # noqa: E402
-from session_manager.engine import Engine  # noqa: E402
+from session_manager.guests.testguest import build  # noqa: E402
+from session_manager.local.autosave import AutosavePolicy, Autosaver  # noqa: E402
+from session_manager.local.engine import Engine  # noqa: E402
 from session_manager.paths import Home  # noqa: E402
 from session_manager.store.backend import Backend  # noqa: E402
-from session_manager.store.repo import CheckpointInfo  # noqa: E402
 from session_manager.store.replicate import WORKERS, Transfer, replicate  # noqa: E402
-from session_manager.testguest import build  # noqa: E402
+from session_manager.store.repo import CheckpointInfo  # noqa: E402
 from session_manager.vm.machine import Machine  # noqa: E402
 
 MiB = 1 << 20

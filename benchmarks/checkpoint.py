@@ -32,10 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import default_qemus, guest_arguments, machine_line, print_table, wait_serial  # noqa: E402
 from session_manager.cli import _setup_logging  # noqa: E402
-from session_manager.engine import Engine  # noqa: E402
+from session_manager.guests.testguest import build  # noqa: E402
+from session_manager.local.engine import Engine  # noqa: E402
 from session_manager.paths import Home  # noqa: E402
 from session_manager.store.repo import Repository  # noqa: E402
-from session_manager.testguest import build  # noqa: E402
 from session_manager.vm import disk as vdisk  # noqa: E402
 from session_manager.vm.machine import Machine, Sockets, launch, wait_exit  # noqa: E402
 from session_manager.vm.qemu import command_line, find_qemu, qemu_path  # noqa: E402

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from session_manager.vm.qemu import find_qemu, qemu_path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -36,12 +36,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-from benchmarks.common import default_qemus, guest_arguments, machine_line, print_table, wait_serial  # noqa: E402
 from qemu_tls import self_signed, tls_dir  # noqa: E402
+
+from benchmarks.common import default_qemus, guest_arguments, machine_line, print_table, wait_serial  # noqa: E402
 from session_manager.cli import _setup_logging  # noqa: E402
-from session_manager.engine import Engine  # noqa: E402
+from session_manager.guests.testguest import build  # noqa: E402
+from session_manager.local.engine import Engine  # noqa: E402
 from session_manager.paths import Home  # noqa: E402
-from session_manager.testguest import build  # noqa: E402
 from session_manager.vm.disk import create_blank, image_info, new_layer_name  # noqa: E402
 from session_manager.vm.machine import Machine, Sockets, launch, node_name  # noqa: E402
 from session_manager.vm.migrate import (  # noqa: E402

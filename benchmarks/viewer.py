@@ -42,10 +42,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine_line
-from session_manager.engine import Engine
+from session_manager import rfb
+from session_manager.guests.testguest import build
+from session_manager.local.engine import Engine
 from session_manager.paths import Home
-from session_manager.testguest import build
-from session_manager.vm import rfb
 from session_manager.vm.machine import Machine, Sockets
 
 CONFIGS: list[tuple[str, Sequence[int]]] = [

@@ -17,19 +17,20 @@ from PySide6.QtGui import QIcon
 from PySide6.QtNetwork import QLocalServer, QLocalSocket
 from PySide6.QtWidgets import QApplication, QDialog, QMessageBox, QSystemTrayIcon
 
-from .agent import Agent
-from .checkpoint_migration import CheckpointReceiver
-from .engine import Engine
 from .errors import SessionManagerError, UsageError
-from .live_migration import Receiver
+from .guests.testguest import build as build_guest
+from .local.engine import Engine
+from .local.settings import Settings
+from .net.agent import Agent
+from .net.live_migration import Receiver
+from .net.peers import DEFAULT_PORT, parse_address
+from .net.remotes import Credentials, Remote, Remotes, normalize_url, open_backend, open_remote, remote_sessions, resume
+from .net.send import CheckpointReceiver
 from .paths import Home, make_private_dir
-from .peers import DEFAULT_PORT, parse_address
-from .remotes import Credentials, Remote, Remotes, normalize_url, open_backend, open_remote, remote_sessions, resume
 from .resources import APP_ID, icon_path
 from .services.background import BackgroundWork
-from .services.peers import PeerReachability
-from .services.session import SessionService
-from .settings import Settings
+from .services.reachability import PeerReachability
+from .services.session_service import SessionService
 from .store.repo import CheckpointInfo
 from .ui.dialogs import confirm_migrate, confirm_restore, when
 from .ui.firstrun import FirstRunDialog, ResumeFrom
@@ -247,7 +248,7 @@ async def _create(engine: Engine, first: FirstRunDialog) -> str:
         return await _resume(engine, first.resume_from)
     new = first.new_session
     if first.choice == "demo" or new is None:
-        status = await engine.demo()
+        status = await engine.demo(build_guest)
         return status.name
     kind: dict[str, Any] = {"iso": new.image} if new.is_iso else {"disk": new.image}
     engine.new_session(new.name, memory_mib=new.memory_mib, cpus=new.cpus, disk_size=new.disk_gib << 30, **kind)

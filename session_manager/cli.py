@@ -20,18 +20,16 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .agent import Agent, check, pair
-from .checkpoint_migration import CheckpointReceiver
-from .checkpoint_migration import send as send_checkpoint
-from .daemon import Daemon, recovered_message
-from .engine import DEMO_NAME, UFFD_ADVICE, Engine
 from .errors import DamagedError, PeerError, SessionManagerError, UsageError
-from .identity import check_id, installation_name, load_identity, matches, short_id
-from .live_migration import Receiver, describe
-from .live_migration import migrate as live_migrate
-from .paths import HOME_ENV, Home
-from .peers import DEFAULT_PORT, Peers, parse_address
-from .remotes import (
+from .guests.testguest import build as build_guest
+from .local.daemon import Daemon, recovered_message
+from .local.engine import DEMO_NAME, UFFD_ADVICE, Engine
+from .net.agent import Agent, check, pair
+from .net.identity import check_id, installation_name, load_identity, matches, short_id
+from .net.live_migration import Receiver, describe
+from .net.live_migration import migrate as live_migrate
+from .net.peers import DEFAULT_PORT, Peers, parse_address
+from .net.remotes import (
     KEY_ENV,
     SECRET_ENV,
     Remote,
@@ -42,6 +40,9 @@ from .remotes import (
     replicators,
     resume,
 )
+from .net.send import CheckpointReceiver
+from .net.send import send as send_checkpoint
+from .paths import HOME_ENV, Home
 from .store import keys as repo_keys
 from .store.replicate import Transfer, TransferProgress, replicate
 from .store.repo import CheckpointInfo
@@ -250,7 +251,7 @@ class Cli:
         self.out({"command": argv}, "Exported. Stock QEMU resumes it with:\n" + shlex.join(argv))
 
     def demo(self) -> None:
-        st = asyncio.run(self.engine.demo())
+        st = asyncio.run(self.engine.demo(build_guest))
         self.out(asdict(st), lambda: self._status_text(st) + (
             f"\nThe demo guest counts on its serial console ({st.serial_log}).\n"
             f"Try: session-manager checkpoint {DEMO_NAME} -m 'first'; session-manager checkpoints {DEMO_NAME}; "
@@ -326,7 +327,7 @@ class Cli:
 
     def migrate(self) -> None:
         a = self.args
-        say = (lambda line: None) if a.json else (lambda line: print(line, flush=True))  # noqa: E731
+        say = (lambda line: None) if a.json else (lambda line: print(line, flush=True))
         shown: tuple[str, int] | None = None
 
         def progress(p: MigrationProgress) -> None:  # a line per phase, disk quarter and memory pass

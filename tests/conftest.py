@@ -26,7 +26,7 @@ GUEST_CACHE = Path(os.environ.get("SM_TEST_CACHE", ROOT / ".cache")) / "testgues
 @pytest.fixture(scope="session")
 def guest() -> tuple[Path, Path]:
     """The project's own test guest (kernel, initrd), built once from Debian packages."""
-    from session_manager.testguest import build
+    from session_manager.guests.testguest import build
 
     return build(GUEST_CACHE)
 
@@ -86,8 +86,8 @@ class Sm:
 
     def take_test_guests(self) -> Sm:
         """Let sessions arriving from paired peers boot the test guest (its kernel lives outside this home)."""
+        from session_manager.local.settings import Settings
         from session_manager.paths import Home
-        from session_manager.settings import Settings
 
         Settings(arrivals_boot_dirs=[str(GUEST_CACHE.resolve())]).save(Home.locate(self.home))
         return self
@@ -275,7 +275,8 @@ def xvfb(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReques
 
 # --- an S3 server -------------------------------------------------------------------------------
 
-from s3server import S3Server, s3_server as _running_s3_server  # noqa: E402  (S3Server: for the tests' annotations)
+from s3server import S3Server  # noqa: E402  (S3Server: for the tests' annotations)
+from s3server import s3_server as _running_s3_server
 
 
 @pytest.fixture(scope="session")
@@ -285,7 +286,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield server
 
 
-def xlib_display(name: str):  # noqa: ANN201
+def xlib_display(name: str):
     """A python-xlib connection to ``name``.
 
     python-xlib keeps its table of extension events on the class, shared by every connection in the
@@ -293,7 +294,8 @@ def xlib_display(name: str):  # noqa: ANN201
     one server breaks the next connection to another.  Start each from the pristine table.
     """
     from Xlib import display
-    from Xlib.protocol import display as protocol, event
+    from Xlib.protocol import display as protocol
+    from Xlib.protocol import event
 
     protocol.Display.event_classes = event.event_class.copy()
     return display.Display(name)

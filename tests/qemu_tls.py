@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from session_manager.identity import certificate
+from session_manager.net.identity import certificate
 
 
 def self_signed(cn: str) -> tuple[bytes, bytes]:

@@ -18,10 +18,10 @@ from PySide6.QtGui import QGuiApplication, QIcon
 from PySide6.QtWidgets import QApplication, QSystemTrayIcon
 
 from session_manager.app import App
-from session_manager.engine import Engine
+from session_manager.local.engine import Engine
+from session_manager.local.settings import Settings
 from session_manager.paths import Home
 from session_manager.resources import icon_path
-from session_manager.settings import Settings
 
 
 async def settle(seconds: float) -> None:

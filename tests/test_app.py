@@ -14,20 +14,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, Serial, Sm
 from PySide6.QtCore import QMimeData, QPointF, Qt
 from PySide6.QtGui import QDropEvent
 from PySide6.QtWidgets import QPushButton
 
 from session_manager.app import App, _create
-from session_manager.engine import Engine
+from session_manager.local.engine import Engine
+from session_manager.local.settings import Settings
 from session_manager.paths import Home
-from session_manager.services.session import State
-from session_manager.settings import Settings
+from session_manager.services.session_service import State
 from session_manager.ui.firstrun import FirstRunDialog, NewSessionDialog, ResumeDialog
 from session_manager.ui.timeline import MIME_CHECKPOINT
 from session_manager.ui.tray import Tray
-
-from conftest import ROOT, Serial, Sm
 
 
 async def until(condition: Callable[[], object], timeout: float = 120, what: str = "condition") -> None:
@@ -39,7 +38,7 @@ async def until(condition: Callable[[], object], timeout: float = 120, what: str
 
 
 @pytest.mark.qemu
-def test_shortcut_checkpoints_and_dropping_it_rolls_back(sm: Sm, guest: tuple[Path, Path], aloop, qtbot,  # noqa: ANN001
+def test_shortcut_checkpoints_and_dropping_it_rolls_back(sm: Sm, guest: tuple[Path, Path], aloop, qtbot,
                                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                          confirmations: list[str]) -> None:
     monkeypatch.setenv("SESSION_MANAGER_ACCEL", "tcg")
@@ -121,7 +120,7 @@ def test_shortcut_checkpoints_and_dropping_it_rolls_back(sm: Sm, guest: tuple[Pa
     aloop.run_until_complete(app.close())
 
 
-def test_tray_menu_of_a_stopped_session(sm: Sm, guest: tuple[Path, Path], aloop, qtbot) -> None:  # noqa: ANN001
+def test_tray_menu_of_a_stopped_session(sm: Sm, guest: tuple[Path, Path], aloop, qtbot) -> None:
     sm.new_guest("idle", guest)
     app = App(Engine(Home.locate(sm.home)), "idle", Settings())
     qtbot.addWidget(app.window)
@@ -137,7 +136,7 @@ def test_tray_menu_of_a_stopped_session(sm: Sm, guest: tuple[Path, Path], aloop,
     aloop.run_until_complete(app.close())
 
 
-def test_first_run_offers_the_demo_and_checks_a_new_session(qtbot, tmp_path: Path) -> None:  # noqa: ANN001
+def test_first_run_offers_the_demo_and_checks_a_new_session(qtbot, tmp_path: Path) -> None:
     dialog = FirstRunDialog()
     qtbot.addWidget(dialog)
     demo = next(b for b in dialog.findChildren(QPushButton) if b.text() == "Try the demo session")
@@ -211,7 +210,7 @@ def test_starts_on_a_fresh_login(tmp_path: Path, where: str) -> None:
 
 @pytest.mark.qemu
 def test_a_killed_session_is_noticed_and_restored_from_its_latest_checkpoint(
-        sm: Sm, guest: tuple[Path, Path], aloop, qtbot, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+        sm: Sm, guest: tuple[Path, Path], aloop, qtbot, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SESSION_MANAGER_ACCEL", "tcg")
     sm.new_guest("fragile", guest)
     sm("start", "fragile")
@@ -247,7 +246,7 @@ def test_a_killed_session_is_noticed_and_restored_from_its_latest_checkpoint(
 
 
 @pytest.mark.qemu
-def test_first_run_resumes_a_session_from_a_server(sm: Sm, guest: tuple[Path, Path], tmp_path: Path, aloop, qtbot,  # noqa: ANN001
+def test_first_run_resumes_a_session_from_a_server(sm: Sm, guest: tuple[Path, Path], tmp_path: Path, aloop, qtbot,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SESSION_MANAGER_ACCEL", "tcg")
     sm.new_guest("roaming", guest)
@@ -289,8 +288,8 @@ def test_first_run_resumes_a_session_from_a_server(sm: Sm, guest: tuple[Path, Pa
 
 
 @pytest.mark.qemu
-def test_the_open_app_takes_a_session_sent_to_it(tmp_path: Path, guest: tuple[Path, Path], aloop,  # noqa: ANN001
-                                                 qtbot) -> None:  # noqa: ANN001
+def test_the_open_app_takes_a_session_sent_to_it(tmp_path: Path, guest: tuple[Path, Path], aloop,
+                                                 qtbot) -> None:
     """With the app open (and no `serve`), a paired machine's `send` arrives, as it does at `serve`."""
     from test_peers import paired_homes
 

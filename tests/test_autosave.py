@@ -10,23 +10,23 @@ import re
 import signal
 import subprocess
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
 from conftest import Serial, Sm
-from session_manager.autosave import KIND, AutosavePolicy, Autosaver, duration
-from session_manager.daemon import Daemon
-from session_manager.engine import Engine
+from test_testguest import Qmp
+
 from session_manager.errors import QemuError, UsageError
+from session_manager.local.autosave import KIND, AutosavePolicy, Autosaver, duration
+from session_manager.local.daemon import Daemon
+from session_manager.local.engine import Engine
+from session_manager.local.settings import Settings
 from session_manager.paths import Home
-from session_manager.settings import Settings
 from session_manager.store.backend import LocalBackend
 from session_manager.store.repo import Repository
-from test_testguest import Qmp
 
 # -- the policy ------------------------------------------------------------------------------------------------
 
@@ -58,7 +58,7 @@ def test_policy_from_settings() -> None:
 
 def test_forget_with_kinds_thins_only_those(tmp_path: Path) -> None:
     repo = Repository.open(tmp_path / "repo", create=True)
-    start = datetime(2024, 3, 1, 12, 0, tzinfo=timezone.utc)
+    start = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
     kinds = ["autosave", "manual", "autosave", "stop", "autosave", "pre-restore", "autosave", "autosave"]
     made = []
     for i, kind in enumerate(kinds):

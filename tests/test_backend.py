@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import S3Server
 
 from session_manager.errors import CorruptionError, NotFoundError, RepositoryError, UsageError
 from session_manager.store.backend import AlreadyExistsError, Backend, LocalBackend
-
-from conftest import S3Server
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -9,13 +9,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import Sm
 
 pytestmark = pytest.mark.qemu
 
 
-def fails(run, *words: str) -> str:  # noqa: ANN001
+def fails(run, *words: str) -> str:
     assert run.returncode != 0, run.stdout
     message = run.stderr.strip()
     assert len(message.splitlines()) == 1, message  # one sentence, no traceback
@@ -65,7 +64,7 @@ def test_already_running_and_unknown_checkpoint(sm: Sm, guest: tuple[Path, Path]
     assert sm("status", "r", "--json").json()["run_state"] == "running"
 
 
-def _interrupted_checkpoint(sm: Sm, guest: tuple[Path, Path], interrupt) -> tuple[str, dict]:  # noqa: ANN001
+def _interrupted_checkpoint(sm: Sm, guest: tuple[Path, Path], interrupt) -> tuple[str, dict]:
     """Start a checkpoint, interrupt it mid-stream; return the CLI's error and the earlier checkpoint."""
     sm.new_guest("i", guest, fill=160, memory="320M")
     sm("start", "i")

@@ -16,20 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from PySide6.QtCore import Qt
-
 from conftest import Serial, Sm
-from session_manager.agent import _open
-from session_manager.app import App
-from session_manager.engine import Engine
-from session_manager.errors import PeerError
-from session_manager.handover import DISPLAY, open_display
-from session_manager.identity import load_identity
-from session_manager.paths import Home
-from session_manager.settings import Settings
-from session_manager.vm.machine import Machine, Sockets
+from PySide6.QtCore import Qt
 from test_peers import log_text, paired_homes, serving
 from test_rfb import Events, assert_matches_screendump, type_text, until, wait_serial
+
+from session_manager.app import App
+from session_manager.errors import PeerError
+from session_manager.local.engine import Engine
+from session_manager.local.settings import Settings
+from session_manager.net.agent import _open
+from session_manager.net.handover import DISPLAY, open_display
+from session_manager.net.identity import load_identity
+from session_manager.paths import Home
+from session_manager.vm.machine import Machine, Sockets
 
 pytestmark = pytest.mark.qemu
 
@@ -110,7 +110,7 @@ def test_the_peer_shows_the_session_to_paired_installations_only(moved: Moved, t
         assert "Refused display from 127.0.0.1" in log_text(moved.b)
 
 
-def test_the_window_follows_the_session_to_the_peer(moved: Moved, aloop, qtbot,  # noqa: ANN001
+def test_the_window_follows_the_session_to_the_peer(moved: Moved, aloop, qtbot,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SESSION_MANAGER_ACCEL", "tcg")
     app = App(Engine(Home.locate(moved.a.home)), "desk", Settings(autosave_minutes=0))

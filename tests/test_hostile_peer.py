@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import GUEST_CACHE, Sm
-from session_manager.agent import connect
-from session_manager.errors import PeerError
-from session_manager.paths import Home
-from session_manager.peers import Peers
 from test_peers import pair_by_ids, paired_homes, serving
+
+from session_manager.errors import PeerError
+from session_manager.net.agent import connect
+from session_manager.net.peers import Peers
+from session_manager.paths import Home
 
 pytestmark = pytest.mark.qemu
 

@@ -7,9 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import Sm
-from session_manager.engine import MAX_CHAIN
+
+from session_manager.local.engine import MAX_CHAIN
 
 
 def chain_length(sm: Sm, name: str) -> int:

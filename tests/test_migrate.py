@@ -23,8 +23,8 @@ import pytest
 from conftest import ROOT, Serial, Sm, seq_records
 from qemu_tls import self_signed, tls_dir
 
+from session_manager.local.sessions import Session
 from session_manager.paths import Home
-from session_manager.sessions import Session
 from session_manager.vm.disk import create_blank, image_info, new_layer_name
 from session_manager.vm.machine import Machine, RunState, Sockets, launch, node_name
 from session_manager.vm.migrate import (

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import Serial
 from test_migrate import keeps_running
 from test_peers import log_text, one_sentence, paired_homes, serving
@@ -59,12 +58,12 @@ def test_migrate_moves_a_running_session_to_a_paired_peer(tmp_path: Path, guest:
 
 
 def test_the_tray_migrates_the_session_and_the_window_says_where_it_went(
-        tmp_path: Path, guest: tuple[Path, Path], aloop, qtbot, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+        tmp_path: Path, guest: tuple[Path, Path], aloop, qtbot, monkeypatch: pytest.MonkeyPatch,
         confirmations: list[str]) -> None:
     from session_manager.app import App
-    from session_manager.engine import Engine
+    from session_manager.local.engine import Engine
+    from session_manager.local.settings import Settings
     from session_manager.paths import Home
-    from session_manager.settings import Settings
     from session_manager.ui.tray import Tray
 
     monkeypatch.setenv("SESSION_MANAGER_ACCEL", "tcg")

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import Run, Serial
-from session_manager.paths import Home
-from session_manager.sessions import Session
 from test_migrate import PATTERN_LEN, Source, keeps_running, pattern_intact, start_source
 from test_peers import NsSm, one_sentence, pair_by_ids, serving
+
+from session_manager.local.sessions import Session
+from session_manager.paths import Home
 
 pytestmark = pytest.mark.qemu
 

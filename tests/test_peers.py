@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import Sm
-from session_manager.agent import Agent, Call, _open, connect
+
 from session_manager.errors import PeerError, UsageError
-from session_manager.identity import TLS_HOSTNAME, load_identity, matches, short_id, write_qemu_tls_dir
+from session_manager.net.agent import Agent, Call, _open, connect
+from session_manager.net.identity import TLS_HOSTNAME, load_identity, matches, short_id, write_qemu_tls_dir
+from session_manager.net.peers import Peers, new_peer, parse_address
 from session_manager.paths import Home
-from session_manager.peers import Peers, new_peer, parse_address
 from session_manager.vm.qemu import find_qemu, qemu_path
 
 ID_RE = re.compile(r"[A-Z2-7]{7}(-[A-Z2-7]{7}){3}")

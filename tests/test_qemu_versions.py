@@ -9,11 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, Serial, Sm
-from session_manager.vm.qemu import Qemu, cannot_load, find_qemu, machine_type, release
 from test_migrate import keeps_running
 from test_peers import one_sentence, paired_homes, serving
+
+from session_manager.vm.qemu import Qemu, cannot_load, find_qemu, machine_type, release
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import S3Server, Serial, Sm, two_checkpoints
 from test_store import assert_consistent, ingest, synthetic_stream
 
-from conftest import S3Server, Serial, Sm, two_checkpoints
 from session_manager.errors import CorruptionError, RepositoryError, UsageError
 from session_manager.keychain import KeyringUnavailable
+from session_manager.net.remotes import KEY_ENV, SECRET_ENV, Credentials, Remote, Remotes, local_target, normalize_url
 from session_manager.paths import Home
-from session_manager.remotes import KEY_ENV, SECRET_ENV, Credentials, Remote, Remotes, local_target, normalize_url
+from session_manager.ratelimit import RateLimiter
 from session_manager.store import replicate as replication
 from session_manager.store.backend import Backend, LocalBackend
-from session_manager.store.replicate import RateLimiter, Transfer, replicate, replicate_forever
+from session_manager.store.replicate import Transfer, replicate, replicate_forever
 from session_manager.store.repo import Repository
 from session_manager.store.writer import PACK_SIZE
 from session_manager.vm.stream import PAGE_SIZE
@@ -198,7 +199,7 @@ def test_background_replication_pushes_new_checkpoints_and_retries_when_offline(
         if len(after) == 1:
             raise RepositoryError("The copy is locked by another computer.")  # not a failed push
 
-    async def until(condition, timeout: float = 30) -> None:  # noqa: ANN001
+    async def until(condition, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             assert time.monotonic() < deadline
@@ -246,7 +247,7 @@ def test_urls() -> None:
 
 
 def test_credentials_go_to_the_keyring_and_never_into_files(
-        tmp_path: Path, memory_keyring, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+        tmp_path: Path, memory_keyring, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEY_ENV, raising=False)
     monkeypatch.delenv(SECRET_ENV, raising=False)
     remotes = Remotes(Home.locate(tmp_path))

@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 from conftest import Serial, Sm, xlib_display
 
-from session_manager.vm.machine import Machine, Sockets
-from session_manager.vm.rfb import (
+from session_manager.rfb import (
     LOCAL_ENCODINGS,
     NETWORK_ENCODINGS,
     PIXEL_FORMAT,
@@ -28,6 +27,7 @@ from session_manager.vm.rfb import (
     qnum,
     vnc_auth_response,
 )
+from session_manager.vm.machine import Machine, Sockets
 
 
 def run(coro: Awaitable[Any]) -> Any:

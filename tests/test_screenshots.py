@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from PySide6.QtGui import QImage
-
 from conftest import ROOT, Sm, Xvfb
+from PySide6.QtGui import QImage
 
 
 def distinct_colours(image: QImage) -> int:

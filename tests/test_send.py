@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import Serial, two_checkpoints
-from session_manager.store.backend import LocalBackend
 from test_peers import one_sentence, paired_homes, serving
+
+from session_manager.store.backend import LocalBackend
 
 pytestmark = pytest.mark.qemu
 

@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import Serial, Sm, seq_records
 
 pytestmark = pytest.mark.qemu

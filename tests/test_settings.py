@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from session_manager.errors import UsageError
+from session_manager.local.settings import Settings
 from session_manager.paths import Home
-from session_manager.settings import Settings
 
 
 @pytest.fixture

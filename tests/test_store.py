@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -446,8 +446,8 @@ def test_stale_locks_are_ignored(tmp_path: Path) -> None:
     repo = Repository.open(tmp_path / "repo", create=True)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    old = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
-    now = datetime.now(timezone.utc).isoformat()
+    old = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    now = datetime.now(UTC).isoformat()
     locks = {
         "dead": {"exclusive": True, "host": os.uname().nodename, "pid": dead.pid, "time": now},
         "old": {"exclusive": True, "host": "elsewhere", "pid": 1, "time": old},
@@ -467,7 +467,7 @@ def test_stale_locks_are_ignored(tmp_path: Path) -> None:
 
 def test_forget_rules(tmp_path: Path) -> None:
     repo = Repository.open(tmp_path / "repo", create=True)
-    start = datetime(2024, 3, 1, 12, 0, tzinfo=timezone.utc)
+    start = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
     made = []
     for h in range(0, 24 * 10, 5):  # every 5 hours for 10 days
         kind = "manual" if h == 30 else "auto"

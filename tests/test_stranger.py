@@ -13,9 +13,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from conftest import Sm
-from session_manager.agent import MAX_PER_ADDRESS, TIMEOUT
-from session_manager.identity import certificate, fingerprint
 from test_peers import log_text, serving
+
+from session_manager.net.agent import MAX_PER_ADDRESS, TIMEOUT
+from session_manager.net.identity import certificate, fingerprint
 
 
 @contextmanager
@@ -92,7 +93,7 @@ def test_pairing_requests_are_bounded_and_nothing_forges_the_log(tmp_path: Path)
                     answer = call(flood, "pair", name=f"m{i}", certificate=other, port=1)
                     assert "pairing requests waiting already" in answer["error"], answer
             assert len(list((b.home / "run" / "pairing").glob("*"))) == 1
-            forged = "mallory\n2026-01-01 00:00:00,000 1 session_manager.agent WARNING forged\x1b[2J"
+            forged = "mallory\n2026-01-01 00:00:00,000 1 session_manager.net.agent WARNING forged\x1b[2J"
             with tls(port) as liar:
                 call(liar, "hello", name=forged, fingerprint="x")
                 call(liar, forged, x=1)

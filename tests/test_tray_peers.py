@@ -6,16 +6,16 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
-from PySide6.QtCore import QPoint
-
 from conftest import Sm
-from session_manager.engine import Engine
-from session_manager.paths import Home
-from session_manager.peers import Peers
-from session_manager.services.peers import PeerReachability
-from session_manager.services.session import SessionService
-from session_manager.ui.tray import Tray
+from PySide6.QtCore import QPoint
 from test_peers import pair_by_ids, serving
+
+from session_manager.local.engine import Engine
+from session_manager.net.peers import Peers
+from session_manager.paths import Home
+from session_manager.services.reachability import PeerReachability
+from session_manager.services.session_service import SessionService
+from session_manager.ui.tray import Tray
 
 
 def items(tray: Tray) -> list[tuple[str, bool]]:
@@ -23,7 +23,7 @@ def items(tray: Tray) -> list[tuple[str, bool]]:
 
 
 def test_migrate_to_offers_the_reachable_paired_machines(tmp_path: Path, guest: tuple[Path, Path], aloop,
-                                                         qtbot) -> None:  # noqa: ANN001
+                                                         qtbot) -> None:
     me, b, c = Sm(tmp_path / "me"), Sm(tmp_path / "b"), Sm(tmp_path / "c")
     with serving(me) as port_me, serving(b) as port_b, serving(c) as port_c:
         pair_by_ids(me, port_me, b, port_b)  # me calls b "b"

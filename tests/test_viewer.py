@@ -16,10 +16,10 @@ from PySide6.QtCore import QEvent, QPoint, QPointF, Qt
 from PySide6.QtGui import QAction, QColor, QImage, QKeyEvent, QKeySequence, QMouseEvent, QWheelEvent
 from PySide6.QtWidgets import QApplication, QLineEdit, QWidget
 
+from session_manager import rfb
 from session_manager.ui import keymap
 from session_manager.ui import viewer as viewer_module
 from session_manager.ui.viewer import BACKGROUND, NOT_RUNNING, RECONNECTING, VncViewer
-from session_manager.vm import rfb
 
 K = Qt.Key
 CTRL, ALT = Qt.KeyboardModifier.ControlModifier, Qt.KeyboardModifier.AltModifier

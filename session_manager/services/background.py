@@ -12,10 +12,10 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 
-from ..autosave import Autosaver, AutosavePolicy
-from ..engine import Engine
-from ..remotes import Replicator, replicators
-from ..settings import Settings
+from ..local.autosave import AutosavePolicy, Autosaver
+from ..local.engine import Engine
+from ..local.settings import Settings
+from ..net.remotes import Replicator, replicators
 from ..store.replicate import Transfer
 from ..store.repo import CheckpointInfo
 

@@ -30,7 +30,7 @@ import os
 import secrets
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +215,7 @@ def add(backend: Backend, key: MasterKey, repo_id: str, passphrase: str) -> KeyI
     if not passphrase:
         raise UsageError("An empty passphrase protects nothing; choose one with a few words in it.")
     salt = os.urandom(16)
-    obj: dict[str, Any] = {"created": datetime.now(timezone.utc).isoformat(), "kdf": "argon2id", **ARGON2,
+    obj: dict[str, Any] = {"created": datetime.now(UTC).isoformat(), "kdf": "argon2id", **ARGON2,
                            "salt": _b64(salt)}
     nonce = os.urandom(NONCE_SIZE)
     obj["key"] = _b64(nonce + ChaCha20Poly1305(_derive(obj, passphrase)).encrypt(nonce, key.raw, _wrap_ad(repo_id)))

@@ -15,7 +15,7 @@ import secrets
 import socket
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import NotFoundError, RepositoryError
@@ -64,7 +64,7 @@ class Lock:
     def _write(self) -> None:
         pid = os.getpid()
         info = {"exclusive": self.exclusive, "purpose": self.purpose, "host": socket.gethostname(), "pid": pid,
-                "pid_start": _start_time(pid), "time": datetime.now(timezone.utc).isoformat()}
+                "pid_start": _start_time(pid), "time": datetime.now(UTC).isoformat()}
         name = f"locks/{secrets.token_hex(16)}"
         self.backend.save(name, encode(self.master, name.encode(), json.dumps(info).encode()))
         self.name = name

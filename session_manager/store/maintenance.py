@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import blake3
 
 from ..errors import CorruptionError, NotFoundError, UsageError
+from .backend import AlreadyExistsError
 from .codec import (
     IndexEntry,
     blob_ad,
@@ -23,7 +24,6 @@ from .codec import (
     encode_index,
     iter_entries,
 )
-from .backend import AlreadyExistsError
 from .index import BlobTable
 from .writer import Packer
 

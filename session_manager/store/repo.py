@@ -42,7 +42,7 @@ import secrets
 import threading
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,7 @@ class Repository:
                     repo_id = secrets.token_hex(16)
                     repo_keys.create(repo_id, str(root), keyfile)
                     config = {"version": FORMAT_VERSION, "id": repo_id, "encryption": ENCRYPTION,
-                              "created": datetime.now(timezone.utc).isoformat()}
+                              "created": datetime.now(UTC).isoformat()}
                     LocalBackend(root).save("config", json.dumps(config).encode())
             finally:
                 os.close(fd)

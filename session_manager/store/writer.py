@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 import blake3
@@ -387,7 +387,7 @@ class Writer:
             "id": self.id,
             "session": self.session,
             "parent": self.parent,
-            "created": (created or datetime.now(timezone.utc)).astimezone(timezone.utc).isoformat(),
+            "created": (created or datetime.now(UTC)).astimezone(UTC).isoformat(),
             "meta": meta,
             "memory": self._memory,
             "disk": self._disk,

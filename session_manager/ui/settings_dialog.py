@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..settings import Settings
+from ..local.settings import Settings
 
 
 class SettingsDialog(QDialog):

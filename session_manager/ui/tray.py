@@ -7,8 +7,8 @@ from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 
 from ..resources import icon_path
-from ..services.peers import PeerReachability
-from ..services.session import SessionService, State
+from ..services.reachability import PeerReachability
+from ..services.session_service import SessionService, State
 from ..store.repo import CheckpointInfo
 from ..units import pause_text, size_text
 from .dialogs import when

@@ -35,7 +35,7 @@ from PySide6.QtGui import (
 from PySide6.QtWidgets import QApplication, QWidget
 
 from ..errors import SessionManagerError
-from ..vm.rfb import RfbClient, RfbError
+from ..rfb import RfbClient, RfbError
 from . import keymap
 
 log = logging.getLogger(__name__)

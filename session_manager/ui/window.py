@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..services.session import SessionService, State
+from ..services.session_service import SessionService, State
 from ..store.repo import CheckpointInfo
 from ..units import pause_text, size_text
 from .dialogs import confirm_shut_down, when

@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QemuError
-from ..store.replicate import RateLimiter
+from ..ratelimit import RateLimiter
 from .machine import DISK_DEVICE, Machine, RunState
 
 log = logging.getLogger(__name__)
@@ -627,7 +627,7 @@ class _Relay:
                 return
             self._writers.append(d_writer)
             await asyncio.gather(self._pump(q_reader, d_writer, True), self._pump(d_reader, q_writer, False))
-        except Exception as e:  # noqa: BLE001 - a relay must never leave a task error behind
+        except Exception as e:
             log.warning("relay to %s:%d: %s", self.host, self.port, e)
         finally:
             self._abort()

@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Protocol
 
 from ..errors import QemuError
-from ..sessions import SessionConfig
 from .machine import DISK_DEVICE, Sockets, node_name
 
 log = logging.getLogger(__name__)
@@ -228,9 +228,34 @@ SHUTDOWN_TRACE = "qemu_system_shutdown_request reason="
 GUEST_SHUTDOWN = 6
 
 
+class MachineSpec(Protocol):
+    """What the command line is made of: a session's config (local/sessions.py) is one."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def machine(self) -> str: ...
+    @property
+    def memory_mib(self) -> int: ...
+    @property
+    def cpus(self) -> int: ...
+    @property
+    def boot(self) -> str: ...
+    @property
+    def kernel(self) -> str | None: ...
+    @property
+    def initrd(self) -> str | None: ...
+    @property
+    def append(self) -> str | None: ...
+    @property
+    def iso(self) -> str | None: ...
+    @property
+    def vnc_tcp(self) -> str | None: ...
+
+
 def command_line(
     qemu: Qemu,
-    config: SessionConfig,
+    config: MachineSpec,
     *,
     accel: str,
     top_layer: Path,

@@ -24,17 +24,17 @@ from urllib.parse import unquote, urlsplit
 
 import tomli_w
 
-from .engine import Engine, Progress, Status
-from .errors import NotFoundError, RepositoryError, SessionManagerError, UsageError
-from .files import atomic_write
-from .keychain import KeyringUnavailable, delete_secret, get_secret, set_secret
-from .paths import Home
-from .sessions import Session
-from .store.backend import Backend, LocalBackend
-from .store.keys import keyfile_for
-from .store.replicate import Transfer, TransferProgress, replicate, replicate_forever
-from .store.repo import CheckpointInfo, Repository
-from .store.s3 import S3Backend, check_endpoint
+from ..errors import NotFoundError, RepositoryError, SessionManagerError, UsageError
+from ..files import atomic_write
+from ..keychain import KeyringUnavailable, delete_secret, get_secret, set_secret
+from ..local.engine import Engine, Progress, Status
+from ..local.sessions import Session
+from ..paths import Home
+from ..store.backend import Backend, LocalBackend
+from ..store.keys import keyfile_for
+from ..store.replicate import Transfer, TransferProgress, replicate, replicate_forever
+from ..store.repo import CheckpointInfo, Repository
+from ..store.s3 import S3Backend, check_endpoint
 
 KEY_ENV, SECRET_ENV = "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")

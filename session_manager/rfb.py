@@ -24,7 +24,7 @@ import struct
 import zlib
 from collections.abc import Callable, Sequence
 
-from ..errors import SessionManagerError
+from .errors import SessionManagerError
 
 log = logging.getLogger(__name__)
 

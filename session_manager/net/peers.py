@@ -15,16 +15,16 @@ import json
 import re
 import tomllib
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from .errors import NotFoundError, PeerError, UsageError
-from .files import atomic_write
+from ..errors import NotFoundError, PeerError, UsageError
+from ..files import atomic_write
+from ..paths import Home
 from .identity import fingerprint, matches, short_id
-from .paths import Home
 
 DEFAULT_PORT = 7385
 PAIR_TIMEOUT = 300.0  # seconds a pairing request waits for the other side to accept it
@@ -51,7 +51,7 @@ class Peer:
 
 def new_peer(name: str, address: str, certificate: str) -> Peer:
     return Peer(check_peer_name(name), address, fingerprint(certificate.encode()), certificate,
-                datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                datetime.now(UTC).isoformat(timespec="seconds"))
 
 
 def check_peer_name(name: str) -> str:

@@ -17,13 +17,13 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
+from ..errors import SessionManagerError
+from ..store.repo import CheckpointInfo
 from .autosave import AutosavePolicy, Autosaver, duration
 from .engine import Engine
-from .errors import SessionManagerError
 from .settings import Settings
-from .store.repo import CheckpointInfo
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def crash_message(engine: Engine, name: str) -> str:
 
 
 def recovered_message(name: str, ckpt: CheckpointInfo) -> str:
-    age = (datetime.now(timezone.utc) - ckpt.created_at).total_seconds()
+    age = (datetime.now(UTC) - ckpt.created_at).total_seconds()
     return (f"Recovered {name} from its latest checkpoint {ckpt.id[:8]} "
             f"({ckpt.meta.get('kind', 'checkpoint')}, taken {duration(max(age, 0))} ago).")
 

@@ -31,9 +31,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .errors import UsageError
-from .files import atomic_write
-from .paths import Home, make_private_dir
+from ..errors import UsageError
+from ..files import atomic_write
+from ..paths import Home, make_private_dir
 
 VALID_DAYS = 100 * 365
 # Every certificate also names this host, so a TLS client (QEMU's tls-hostname) can check any peer's certificate
@@ -90,7 +90,7 @@ def certificate(common_name: str, names: Sequence[str], days: int) -> tuple[byte
     TLS server and client certificate at once: (certificate PEM, key PEM)."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     public = key.public_key()
     alt: list[x509.GeneralName] = []
     for n in names:

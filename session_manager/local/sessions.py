@@ -18,15 +18,15 @@ import json
 import shutil
 import tomllib
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 import tomli_w
 
-from .errors import DamagedError, NotFoundError, UsageError
-from .files import atomic_write
-from .paths import Home, check_name, valid_name
+from ..errors import DamagedError, NotFoundError, UsageError
+from ..files import atomic_write
+from ..paths import Home, check_name, valid_name
 
 BootKind = Literal["kernel", "disk", "iso"]
 
@@ -46,7 +46,7 @@ class SessionConfig:
     append: str | None = None
     iso: str | None = None
     vnc_tcp: str | None = None  # e.g. "127.0.0.1:1"; unix socket only when unset
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def to_toml(self) -> str:
         return tomli_w.dumps({k: v for k, v in asdict(self).items() if v is not None})

@@ -18,13 +18,13 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
-from ..engine import Engine, Status
 from ..errors import SessionManagerError
-from ..handover import open_display
-from ..live_migration import describe, migrate
+from ..local.engine import Engine, Status
+from ..net.handover import open_display
+from ..net.live_migration import describe, migrate
+from ..rfb import RfbClient
 from ..store.repo import CheckpointInfo
 from ..vm.migrate import MigrationProgress
-from ..vm.rfb import RfbClient
 from .watch import RepositoryWatcher
 
 log = logging.getLogger(__name__)

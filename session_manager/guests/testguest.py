@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build a tiny bootable test guest (kernel + initrd) from Debian packages only.
 
-    python3 -m session_manager.testguest OUTDIR   ->  OUTDIR/vmlinuz, OUTDIR/initrd.img
+    python3 -m session_manager.guests.testguest OUTDIR   ->  OUTDIR/vmlinuz, OUTDIR/initrd.img
 
 The kernel is the package that Debian's `linux-image-amd64` currently depends
 on; the userland is `busybox-static`. Both are fetched with `apt-get download`
@@ -64,7 +64,7 @@ import tempfile
 from collections.abc import Collection
 from pathlib import Path
 
-from .errors import SessionManagerError
+from ..errors import SessionManagerError
 
 # Loaded at boot: the disk, and the USB tablet as an evdev device.
 BOOT_MODULES = ["virtio", "virtio_ring", "virtio_pci", "virtio_pci_modern_dev",

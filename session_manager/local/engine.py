@@ -20,15 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import NotFoundError, QemuError, SessionManagerError, StreamFormatError, UsageError
-from .paths import Home, machine_cache
-from .sessions import Session, SessionConfig, SessionState, list_sessions
-from .settings import Settings
-from .store.repo import CheckpointInfo, Repository
-from .vm import disk as vdisk
-from .vm.machine import Machine, RunState, Sockets, launch, wait_exit
-from .vm.migrate import recover_source
-from .vm.qemu import (
+from ..errors import NotFoundError, QemuError, SessionManagerError, StreamFormatError, UsageError
+from ..paths import Home, machine_cache
+from ..store.repo import CheckpointInfo, Repository
+from ..vm import disk as vdisk
+from ..vm.machine import Machine, RunState, Sockets, launch, wait_exit
+from ..vm.migrate import recover_source
+from ..vm.qemu import (
     GUEST_SHUTDOWN,
     SHUTDOWN_TRACE,
     Accel,
@@ -42,8 +40,10 @@ from .vm.qemu import (
     machine_types,
     qemu_path,
 )
-from .vm.snapshot import Capture, capture, live_supported, load, merge_layers
-from .vm.stream import REGION_SHIFT, Segment, iter_segments, running_on_load
+from ..vm.snapshot import Capture, capture, live_supported, load, merge_layers
+from ..vm.stream import REGION_SHIFT, Segment, iter_segments, running_on_load
+from .sessions import Session, SessionConfig, SessionState, list_sessions
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -198,11 +198,10 @@ class Engine:
         session.remove()
         return count
 
-    async def demo(self) -> Status:
-        """Create (once) and start the demo session: the test guest, counting on its screen."""
+    async def demo(self, build_guest: Callable[[Path], tuple[Path, Path]]) -> Status:
+        """Create (once) and start the demo session: the test guest (``build_guest``: guests/testguest.py), counting on
+        its screen."""
         if not Session(self.home, DEMO_NAME).exists():
-            from .testguest import build as build_guest
-
             kernel, initrd = await asyncio.to_thread(build_guest, self.home.cache / "testguest")
             self.new_session(DEMO_NAME, kernel=kernel, initrd=initrd, append=DEMO_APPEND,
                              memory_mib=512, cpus=1, disk_size=64 << 20)

@@ -13,14 +13,14 @@ import logging
 from collections.abc import Container
 from pathlib import Path
 
+from ..errors import NotFoundError, UsageError
+from ..local.engine import Engine
+from ..local.sessions import Session
+from ..paths import Home, valid_name
+from ..rfb import RfbClient
 from .agent import TIMEOUT, Call, connect
-from .engine import Engine
-from .errors import NotFoundError, UsageError
 from .identity import installation_name
-from .paths import Home, valid_name
 from .peers import Peers
-from .sessions import Session
-from .vm.rfb import RfbClient
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import tomli_w
 
-from .errors import UsageError
-from .files import atomic_write
-from .paths import Home, valid_name
+from ..errors import UsageError
+from ..files import atomic_write
+from ..paths import Home, valid_name
 
 log = logging.getLogger(__name__)
 

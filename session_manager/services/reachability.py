@@ -8,10 +8,10 @@ import time
 
 from PySide6.QtCore import QObject, Signal
 
-from ..agent import check
 from ..errors import SessionManagerError
+from ..net.agent import check
+from ..net.peers import Peer, Peers
 from ..paths import Home
-from ..peers import Peer, Peers
 
 INTERVAL = 10.0  # seconds a check's results stand before the next request checks again
 

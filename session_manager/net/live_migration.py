@@ -31,20 +31,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .agent import Agent, Call, Connection, connect
-from .arrivals import ArrivalRules, check_replaceable
-from .checkpoint_migration import QEMU_INFO, qemu_info, require_peer_loads, send_history
-from .engine import Engine
-from .errors import PeerError, SessionManagerError, UsageError
-from .handover import DISPLAY, serve_display
-from .identity import TLS_HOSTNAME, installation_name, load_identity, write_qemu_tls_dir
-from .paths import make_private_dir, valid_name
-from .peers import Peer, Peers, parse_address
-from .sessions import Session
-from .units import size_text
-from .vm import disk as vdisk
-from .vm.machine import Machine, RunState, node_name
-from .vm.migrate import (
+from ..errors import PeerError, SessionManagerError, UsageError
+from ..local.engine import Engine
+from ..local.sessions import Session
+from ..paths import make_private_dir, valid_name
+from ..units import size_text
+from ..vm import disk as vdisk
+from ..vm.machine import Machine, RunState, node_name
+from ..vm.migrate import (
     UNLIMITED_BANDWIDTH,
     Migration,
     MigrationError,
@@ -55,6 +49,12 @@ from .vm.migrate import (
     prepare_incoming,
     resume_source,
 )
+from .agent import Agent, Call, Connection, connect
+from .arrivals import ArrivalRules, check_replaceable
+from .handover import DISPLAY, serve_display
+from .identity import TLS_HOSTNAME, installation_name, load_identity, write_qemu_tls_dir
+from .peers import Peer, Peers, parse_address
+from .send import QEMU_INFO, qemu_info, require_peer_loads, send_history
 
 log = logging.getLogger(__name__)
 

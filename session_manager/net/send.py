@@ -25,20 +25,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import CorruptionError, NotFoundError, PeerError, RepositoryError, UsageError
+from ..local.engine import Engine, Status
+from ..local.sessions import Session
+from ..store import keys as repo_keys
+from ..store.backend import AlreadyExistsError, Backend, LocalBackend, NewObject
+from ..store.codec import MasterKey
+from ..store.replicate import Transfer, TransferProgress, replicate
+from ..store.repo import CheckpointInfo
+from ..vm.qemu import cannot_load, machine_types
 from .agent import Agent, Call, Connection, connect, shown
 from .arrivals import ArrivalRules, check_replaceable
-from .engine import Engine, Status
-from .errors import CorruptionError, NotFoundError, PeerError, RepositoryError, UsageError
 from .identity import installation_name
 from .peers import Peers
 from .remotes import adopt_identity
-from .sessions import Session
-from .store import keys as repo_keys
-from .store.backend import AlreadyExistsError, Backend, LocalBackend, NewObject
-from .store.codec import MasterKey
-from .store.replicate import Transfer, TransferProgress, replicate
-from .store.repo import CheckpointInfo
-from .vm.qemu import cannot_load, machine_types
 
 CHUNK = 512 << 10  # bytes of object data per message (base64 keeps a message under agent.MAX_LINE)
 CALL_TIMEOUT = 120.0

@@ -40,10 +40,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import PeerError, SessionManagerError, UsageError
+from .. import __version__
+from ..errors import PeerError, SessionManagerError, UsageError
+from ..paths import Home, make_private_dir
 from .identity import Identity, fingerprint, installation_name, load_identity, short_id
-from .paths import Home, make_private_dir
 from .peers import (
     DEFAULT_PORT,
     PAIR_TIMEOUT,

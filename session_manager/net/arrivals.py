@@ -22,11 +22,11 @@ import os
 import re
 from pathlib import Path
 
-from .errors import PeerError, UsageError
+from ..errors import PeerError, UsageError
+from ..local.sessions import Session, SessionConfig
+from ..local.settings import Settings
+from ..paths import Home, check_name
 from .identity import installation_name
-from .paths import Home, check_name
-from .sessions import Session, SessionConfig
-from .settings import Settings
 
 DEMO_GUEST = "testguest"  # this home's demo guest: cache/testguest (engine.demo)
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from ..errors import SessionManagerError
+from ..store.repo import CheckpointInfo, Repository
 from .engine import Engine
-from .errors import SessionManagerError
 from .settings import Settings
-from .store.repo import CheckpointInfo, Repository
 
 log = logging.getLogger(__name__)
 

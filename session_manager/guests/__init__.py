@@ -1,0 +1,1 @@
+"""Guests we build: the small test guest (the demo)."""

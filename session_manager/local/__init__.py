@@ -1,0 +1,1 @@
+"""What runs on this machine: sessions, their settings, the engine, autosave and the daemon."""
