@@ -158,7 +158,8 @@ class RfbClient:
             if isinstance(e, asyncio.IncompleteReadError | ConnectionError):
                 raise RfbError("The display server closed the connection during the handshake.") from e
             if isinstance(e, TimeoutError):
-                raise RfbError(f"The display server did not finish the handshake within {HANDSHAKE_TIMEOUT:.0f} s.") from e
+                raise RfbError(
+                    f"The display server did not finish the handshake within {HANDSHAKE_TIMEOUT:.0f} s.") from e
             raise
         return client
 
@@ -170,7 +171,8 @@ class RfbClient:
             raise RfbError(f"This is not a VNC server: it greeted with {banner[:12]!r}.")
         version = (int(banner[4:7]), int(banner[8:11]))
         if version < (3, 3):
-            raise RfbError(f"The VNC server speaks RFB {version[0]}.{version[1]}, older than 3.3, which is not supported.")
+            raise RfbError(
+                f"The VNC server speaks RFB {version[0]}.{version[1]}, older than 3.3, which is not supported.")
         # 3.3 and 3.7 are answered in kind; anything newer (3.8, 3.889, 4.x, 5.x) gets 3.8.
         ours = min(version, (3, 8)) if version[0] == 3 else (3, 8)
         if ours not in ((3, 3), (3, 7), (3, 8)):
@@ -204,7 +206,8 @@ class RfbClient:
             if result != 0:
                 reason = await self._read_reason() if ours == (3, 8) else ""
                 if chosen == SECURITY_VNC_AUTH:
-                    raise RfbError(f"The VNC server rejected the password{': ' + reason.rstrip('.') if reason else ''}.")
+                    raise RfbError(
+                        f"The VNC server rejected the password{': ' + reason.rstrip('.') if reason else ''}.")
                 raise RfbError(f"The VNC server refused the connection{': ' + reason.rstrip('.') if reason else ''}.")
 
         self._conn.write(bytes([1 if shared else 0]))
@@ -253,7 +256,8 @@ class RfbClient:
                 elif kind == b"\x03":  # ServerCutText: read and dropped
                     (length,) = struct.unpack(">3xI", await read(7))
                     if length > 64 * MAX_STRING:
-                        raise RfbError(f"The display server sent {length} bytes of clipboard text, which is not plausible.")
+                        raise RfbError(
+                            f"The display server sent {length} bytes of clipboard text, which is not plausible.")
                     await self._conn.skip(length)
                 else:
                     raise RfbError(f"The display server sent an unknown message (type {kind[0]}).")
@@ -606,7 +610,8 @@ _IP = (58, 50, 42, 34, 26, 18, 10, 2, 60, 52, 44, 36, 28, 20, 12, 4, 62, 54, 46,
 _FP = tuple(_IP.index(i) + 1 for i in range(1, 65))
 _E = (32, 1, 2, 3, 4, 5, 4, 5, 6, 7, 8, 9, 8, 9, 10, 11, 12, 13, 12, 13, 14, 15, 16, 17,
       16, 17, 18, 19, 20, 21, 20, 21, 22, 23, 24, 25, 24, 25, 26, 27, 28, 29, 28, 29, 30, 31, 32, 1)
-_P = (16, 7, 20, 21, 29, 12, 28, 17, 1, 15, 23, 26, 5, 18, 31, 10, 2, 8, 24, 14, 32, 27, 3, 9, 19, 13, 30, 6, 22, 11, 4, 25)
+_P = (16, 7, 20, 21, 29, 12, 28, 17, 1, 15, 23, 26, 5, 18, 31, 10,
+      2, 8, 24, 14, 32, 27, 3, 9, 19, 13, 30, 6, 22, 11, 4, 25)
 _S = (
     "e4d12fb83a6c5907 0f74e2d1a6cb9538 41e8d62bfc973a50 fc8249175b3ea06d",
     "f18e6b34972dc05a 3d47f28ec01a69b5 0e7ba4d158c6932f d8a13f42b67c05e9",

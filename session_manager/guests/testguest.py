@@ -341,7 +341,7 @@ BEGIN {
 
 def run(*cmd: str, cwd: Path | None = None) -> str:
     try:
-        proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     except FileNotFoundError:
         raise SessionManagerError(
             f"The test guest is built from Debian's packages, and this system has no {cmd[0]}; make a session of "
@@ -368,7 +368,8 @@ def kernel_package() -> str:
         m = re.match(r"\s*Depends:\s*(linux-image-\S+)", line)
         if m:
             return m.group(1)
-    raise SessionManagerError("Debian's linux-image-amd64 names no kernel package; run `sudo apt-get update` and retry.")
+    raise SessionManagerError(
+        "Debian's linux-image-amd64 names no kernel package; run `sudo apt-get update` and retry.")
 
 
 class Cpio:
@@ -419,7 +420,8 @@ def read_module(path: Path) -> bytes:
     if path.name.endswith(".xz"):
         return lzma.decompress(data)
     if not path.name.endswith(".ko"):
-        raise SessionManagerError(f"The kernel module {path.name} uses a compression the test guest builder cannot read.")
+        raise SessionManagerError(
+            f"The kernel module {path.name} uses a compression the test guest builder cannot read.")
     return data
 
 

@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import QemuError
 from .qemu import find_qemu, qemu_path
@@ -35,8 +36,9 @@ def qemu_img(*args: str) -> str:
     return proc.stdout
 
 
-def image_info(path: Path) -> dict:
-    return json.loads(qemu_img("info", "-U", "--output=json", str(path)))
+def image_info(path: Path) -> dict[str, Any]:
+    info: dict[str, Any] = json.loads(qemu_img("info", "-U", "--output=json", str(path)))
+    return info
 
 
 def create_overlay(path: Path, backing: Path, backing_format: str, size: int) -> None:
@@ -138,7 +140,8 @@ class ChainReader:
                 if e.offset is None:
                     raise QemuError(
                         f"{self.files[e.depth]} stores data compressed or in a format session-manager cannot "
-                        "read directly; convert it with `qemu-img convert -O qcow2` and create the session from the copy."
+                        "read directly; convert it with `qemu-img convert -O qcow2` and create the session from "
+                        "the copy."
                     )
                 n = stop - pos
                 chunk = os.pread(self._fd(e.depth), n, e.offset + (pos - e.start))

@@ -65,7 +65,8 @@ def find_qemu(path: str | None = None) -> Qemu:
         raise QemuError(f"{path} is not an executable QEMU; fix {QEMU_ENV} or the qemu setting in settings.toml, or "
                         "remove it to use the system's QEMU.")
     system = path or shutil.which("qemu-system-x86_64")
-    img = shutil.which("qemu-img", path=os.path.dirname(system) + os.pathsep + os.environ.get("PATH", "")) if system else None
+    img = (shutil.which("qemu-img", path=os.path.dirname(system) + os.pathsep + os.environ.get("PATH", ""))
+           if system else None)
     if not system or not img:
         raise QemuError(
             "QEMU is not installed; install it with `sudo apt-get install qemu-system-x86 qemu-utils` and try again."
@@ -201,7 +202,8 @@ def probe(qemu: Qemu, accel: str) -> Accel:
                 if proc.poll() is not None:
                     break
                 if serial.exists() and PROBE_MARK in serial.read_bytes():
-                    return Accel(accel, f"a probe guest booted under {accel.upper()} in {time.monotonic() - start:.2f} s")
+                    return Accel(accel,
+                                 f"a probe guest booted under {accel.upper()} in {time.monotonic() - start:.2f} s")
                 time.sleep(0.01)
             else:
                 return Accel("tcg", f"a probe guest did not boot under {accel.upper()} within {PROBE_SECONDS} s, so "

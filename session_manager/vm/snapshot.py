@@ -120,7 +120,8 @@ async def capture(
 ) -> tuple[Capture, T]:
     """Checkpoint the running machine; ``consume`` reads the stream (in a thread) and returns a result."""
     if await machine.status() != RunState.RUNNING:
-        raise QemuError("The session's guest is not running, so it cannot be checkpointed now; start or resume it first.")
+        raise QemuError(
+            "The session's guest is not running, so it cannot be checkpointed now; start or resume it first.")
     while (await machine.run("query-migrate")).get("status") in ("setup", "active", "device"):
         await asyncio.sleep(0.1)  # an abandoned checkpoint's stream is still draining
     old = await active_layer(machine)
@@ -258,12 +259,12 @@ def _write_all(fd: int, chunks: Iterable[bytes]) -> None:
         os.close(fd)
 
 
-async def _wait_migration(machine: Machine, what: str, reader: asyncio.Future[T] | None = None) -> dict:
+async def _wait_migration(machine: Machine, what: str, reader: asyncio.Future[T] | None = None) -> dict[str, Any]:
     delay = 0.005
     while True:
-        if reader is not None and reader.done() and reader.exception() is not None:
-            raise reader.exception()  # type: ignore[misc]
-        info = await machine.run("query-migrate")
+        if reader is not None and reader.done() and (exc := reader.exception()) is not None:
+            raise exc
+        info: dict[str, Any] = await machine.run("query-migrate")
         status = info.get("status")
         if status == "completed":
             return info
