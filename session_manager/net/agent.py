@@ -461,7 +461,7 @@ class Connection:
     async def hello(self, offer: bool = False) -> dict[str, Any]:
         """The other side's name, id, fingerprint, version and whether it has us paired; with ``offer`` our certificate
         goes along, for an installation that has not paired us yet to ask for (pairing)."""
-        extra = {"certificate": self.identity.cert_pem.decode()} if offer else {}
+        extra: dict[str, Any] = {"certificate": self.identity.cert_pem.decode()} if offer else {}
         result: dict[str, Any] = await self.call("hello", timeout=TIMEOUT, name=installation_name(),
                                                  fingerprint=self.identity.fingerprint, **extra)
         return result

@@ -70,7 +70,9 @@ class SessionService(QObject):
         self.crash: str | None = None  # why the machine stopped unexpectedly, until it runs again
         self._op: asyncio.Task[Any] | None = None
         self._cancel = False
-        self._poll = QTimer(self, interval=POLL_MS, timeout=self._check_process)
+        self._poll = QTimer(self)
+        self._poll.setInterval(POLL_MS)
+        self._poll.timeout.connect(self._check_process)
         self._poll.start()
         self._check_process()
         self.reload_checkpoints()

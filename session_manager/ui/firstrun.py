@@ -47,7 +47,8 @@ class NewSessionDialog(QDialog):
         form = QFormLayout(self)
         self.name = QLineEdit("desktop")
         self.image = QLineEdit(placeholderText="an installer .iso, or a disk image (.qcow2, .img, .raw)")
-        browse = QPushButton("Browse…", clicked=self._browse)
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse)
         row = QHBoxLayout()
         row.addWidget(self.image, 1)
         row.addWidget(browse)
@@ -157,14 +158,19 @@ class FirstRunDialog(QDialog):
             "minutes or when you press the shortcut, and lets you roll back to any checkpoint.</p>"
             "<p>You have no session yet.</p>", wordWrap=True, textFormat=Qt.TextFormat.RichText)
         layout.addWidget(text)
-        demo = QPushButton("Try the demo session", clicked=lambda: self._choose("demo"))
+        demo = QPushButton("Try the demo session")
+        demo.clicked.connect(lambda: self._choose("demo"))
         demo.setToolTip("A tiny machine that counts on its screen: checkpoint it, let it count, roll it back.")
-        new = QPushButton("New session from an ISO or a disk image…", clicked=self._new)
-        resume = QPushButton("Resume a session from a server…", clicked=self._resume)
+        new = QPushButton("New session from an ISO or a disk image…")
+        new.clicked.connect(self._new)
+        resume = QPushButton("Resume a session from a server…")
+        resume.clicked.connect(self._resume)
         for button in (demo, new, resume):
             button.setMinimumHeight(40)
             layout.addWidget(button)
-        layout.addWidget(QPushButton("Not now", clicked=self.reject))
+        not_now = QPushButton("Not now")
+        not_now.clicked.connect(self.reject)
+        layout.addWidget(not_now)
 
     def _choose(self, choice: str) -> None:
         self.choice = choice

@@ -25,6 +25,7 @@ from Xlib.error import (
     DisplayError,
     XError,
 )
+from Xlib.protocol import rq
 
 from session_manager.errors import UsageError
 
@@ -80,7 +81,8 @@ def parse_sequence(sequence: str) -> Shortcut:
     if seq.count() > 1:
         raise UsageError(f"{text} is {seq.count()} key presses in a row; a global shortcut is one key "
                          "with modifiers, such as Ctrl+Alt+S.")
-    combined = seq[0].toCombined()
+    # PySide6's stubs lack QKeySequence.__getitem__, which exists at runtime.
+    combined: int = seq[0].toCombined()  # type: ignore[index]
     key, mods = combined & ~_MOD_MASK, combined & _MOD_MASK
     if key in _MODIFIER_KEYS:
         raise UsageError(f"{text} has no key besides modifiers; add one, as in Ctrl+Alt+S.")
@@ -197,7 +199,7 @@ class _X11Grab:
                     presses += 1
         return presses
 
-    def _remap(self, event: object) -> None:
+    def _remap(self, event: rq.Event) -> None:
         """The keyboard mapping changed: look the shortcut's key up again and move the grab if needed."""
         self.display.refresh_keyboard_mapping(event)
         self._read_masks()

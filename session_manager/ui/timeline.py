@@ -187,7 +187,10 @@ class TimelineView(QWidget):
         bar.addStretch()
         for text, tip, slot in (("−", "Zoom out (Ctrl+wheel, -)", self.zoom_out),
                                 ("+", "Zoom in (Ctrl+wheel, +)", self.zoom_in)):
-            button = QToolButton(text=text, toolTip=tip, autoRaise=True)
+            button = QToolButton()
+            button.setText(text)
+            button.setToolTip(tip)
+            button.setAutoRaise(True)
             button.clicked.connect(slot)
             bar.addWidget(button)
         layout = QVBoxLayout(self)

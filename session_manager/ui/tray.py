@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from PySide6.QtCore import QObject, Signal
 from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QMenu, QSystemTrayIcon
@@ -91,7 +93,7 @@ class Tray(QObject):
         rollback = menu.addMenu("Roll back to")
         rollback.setToolTipsVisible(True)
         for info in s.latest(ROLLBACK_ITEMS):
-            action = rollback.addAction(checkpoint_label(info), lambda i=info.id: self.restoreRequested.emit(i))
+            action = rollback.addAction(checkpoint_label(info), partial(self.restoreRequested.emit, info.id))
             action.setToolTip(f"paused {pause_text(info.meta.get('pause_ms', 0))}, {size_text(info.added_bytes)} stored")
         rollback.setEnabled(bool(s.checkpoints) and idle)
         menu.addAction("Timeline…", self.timelineRequested.emit)
@@ -116,7 +118,7 @@ class Tray(QObject):
         for peer, reason in results or []:
             action = self.migrate.addAction(f"{peer.name} ({peer.address})" if reason is None else
                                             f"{peer.name} — {short_reason(reason)}",
-                                            lambda p=peer.name: self.migrateRequested.emit(p))
+                                            partial(self.migrateRequested.emit, peer.name))
             action.setEnabled(reason is None)
             action.setToolTip(reason or "")
         if self.migrate.isEmpty():

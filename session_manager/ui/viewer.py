@@ -413,7 +413,8 @@ class VncViewer(QWidget):
         except ValueError:
             return None
         for seq in self._shortcuts:
-            if seq.count() == 1 and seq[0].toCombined() == combined:
+            # PySide6's stubs lack QKeySequence.__getitem__, which exists at runtime.
+            if seq.count() == 1 and seq[0].toCombined() == combined:  # type: ignore[index]
                 return seq
         return None
 
