@@ -38,21 +38,21 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")  # throwaway keys: key files
 
-import obstore  # noqa: E402
-from obstore.store import S3Store  # noqa: E402
-from s3server import S3Server, s3_server  # noqa: E402
+import obstore
+from obstore.store import S3Store
+from s3server import S3Server, s3_server
 
-from benchmarks.checkpoint import wait_migrated  # noqa: E402
-from benchmarks.common import guest_arguments, machine_line, wait_serial  # noqa: E402
-from session_manager.cli import _setup_logging  # noqa: E402
-from session_manager.guests.testguest import build  # noqa: E402
-from session_manager.local.autosave import AutosavePolicy, Autosaver  # noqa: E402
-from session_manager.local.engine import Engine  # noqa: E402
-from session_manager.paths import Home  # noqa: E402
-from session_manager.store.backend import Backend  # noqa: E402
-from session_manager.store.replicate import WORKERS, Transfer, replicate  # noqa: E402
-from session_manager.store.repo import CheckpointInfo  # noqa: E402
-from session_manager.vm.machine import Machine  # noqa: E402
+from benchmarks.checkpoint import wait_migrated
+from benchmarks.common import guest_arguments, machine_line, wait_serial
+from session_manager.cli import _setup_logging
+from session_manager.guests.testguest import build
+from session_manager.local.autosave import AutosavePolicy, Autosaver
+from session_manager.local.engine import Engine
+from session_manager.paths import Home
+from session_manager.store.backend import Backend
+from session_manager.store.replicate import WORKERS, Transfer, replicate
+from session_manager.store.repo import CheckpointInfo
+from session_manager.vm.machine import Machine
 
 MiB = 1 << 20
 OBJECTS = ("keys/", "data/", "index/", "checkpoints/", "annotations/")  # and config; locks/ are not copied
@@ -267,7 +267,7 @@ def main() -> None:
                            for x, b in zip(raw_ratios, r["raw"]))
     print(f"\nPer autosave (the 1st stores the whole {a.fill} MiB fill): {detail}. Outside, the guest's loop ran "
           f"{statistics.median(s['outside'] for s in saves):.0f} iterations/s (median); pauses "
-          + ", ".join(f"{s['info'].meta['pause_ms']:.1f}" for s in saves) + f" ms. QEMU's own snapshots: {raw_detail}.")
+          + ", ".join(f"{s['info'].meta.pause_ms:.1f}" for s in saves) + f" ms. QEMU's own snapshots: {raw_detail}.")
     shutil.rmtree(work, ignore_errors=True)
 
 

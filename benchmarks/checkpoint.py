@@ -30,17 +30,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import default_qemus, guest_arguments, machine_line, print_table, wait_serial  # noqa: E402
-from session_manager.cli import _setup_logging  # noqa: E402
-from session_manager.guests.testguest import build  # noqa: E402
-from session_manager.local.engine import Engine  # noqa: E402
-from session_manager.paths import Home  # noqa: E402
-from session_manager.store.repo import Repository  # noqa: E402
-from session_manager.vm import disk as vdisk  # noqa: E402
-from session_manager.vm.machine import Machine, Sockets, launch, wait_exit  # noqa: E402
-from session_manager.vm.qemu import command_line, find_qemu, qemu_path  # noqa: E402
-from session_manager.vm.snapshot import active_layer, node_name  # noqa: E402
-from session_manager.vm.stream import iter_segments  # noqa: E402
+from benchmarks.common import default_qemus, guest_arguments, machine_line, print_table, wait_serial
+from session_manager.cli import _setup_logging
+from session_manager.guests.testguest import build
+from session_manager.local.engine import Engine
+from session_manager.paths import Home
+from session_manager.store.repo import Repository
+from session_manager.vm import disk as vdisk
+from session_manager.vm.machine import Machine, Sockets, launch, wait_exit
+from session_manager.vm.qemu import command_line, find_qemu, qemu_path
+from session_manager.vm.snapshot import active_layer, node_name
+from session_manager.vm.stream import iter_segments
 
 MiB = 1 << 20
 

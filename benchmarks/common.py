@@ -48,7 +48,8 @@ def machine_line(qemus: list[str] | None = None) -> str:
                 if ln.startswith("model name")), platform.processor())
     memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 30
     return (f"Machine: {cpu}, {os.cpu_count()} cores, {memory} GiB, Linux {platform.release()}, "
-            f"QEMU {', '.join(qemus or [find_qemu(qemu_path()).version_text])}, accelerator {os.environ['SESSION_MANAGER_ACCEL']}, "
+            f"QEMU {', '.join(qemus or [find_qemu(qemu_path()).version_text])}, "
+            f"accelerator {os.environ['SESSION_MANAGER_ACCEL']}, "
             f"Python {platform.python_version()}.")
 
 

@@ -36,23 +36,23 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-from qemu_tls import self_signed, tls_dir  # noqa: E402
+from qemu_tls import self_signed, tls_dir
 
-from benchmarks.common import default_qemus, guest_arguments, machine_line, print_table, wait_serial  # noqa: E402
-from session_manager.cli import _setup_logging  # noqa: E402
-from session_manager.guests.testguest import build  # noqa: E402
-from session_manager.local.engine import Engine  # noqa: E402
-from session_manager.paths import Home  # noqa: E402
-from session_manager.vm.disk import create_blank, image_info, new_layer_name  # noqa: E402
-from session_manager.vm.machine import Machine, Sockets, launch, node_name  # noqa: E402
-from session_manager.vm.migrate import (  # noqa: E402
+from benchmarks.common import default_qemus, guest_arguments, machine_line, print_table, wait_serial
+from session_manager.cli import _setup_logging
+from session_manager.guests.testguest import build
+from session_manager.local.engine import Engine
+from session_manager.paths import Home
+from session_manager.vm.disk import create_blank, image_info, new_layer_name
+from session_manager.vm.machine import Machine, Sockets, launch, node_name
+from session_manager.vm.migrate import (
     UNLIMITED_BANDWIDTH,
     Migration,
     finish_incoming,
     prepare_incoming,
     resume_source,
 )
-from session_manager.vm.qemu import command_line, find_qemu, qemu_path  # noqa: E402
+from session_manager.vm.qemu import command_line, find_qemu, qemu_path
 
 MB = 1e6
 
@@ -91,7 +91,8 @@ class Bench:
         self.n += 1
         rt = Sockets(self.work / f"{self.name}-d{self.n}")
         rt.runtime.mkdir(mode=0o700)
-        argv = command_line(find_qemu(qemu_path()), self.session.load_config(), accel=os.environ["SESSION_MANAGER_ACCEL"],
+        argv = command_line(find_qemu(qemu_path()), self.session.load_config(),
+                            accel=os.environ["SESSION_MANAGER_ACCEL"],
                             top_layer=disk, sockets=rt, serial_log=rt.runtime / "serial.log", incoming=True,
                             paused=True)
         return rt, await launch(argv, rt, rt.runtime / "qemu.log")

@@ -163,7 +163,7 @@ class App(QObject):
 
     def _autosaved(self, _: str, info: CheckpointInfo) -> None:
         self.window.statusBar().showMessage(
-            f"Autosaved at {when(info)}: paused {pause_text(info.meta.get('pause_ms', 0))}", 10000)
+            f"Autosaved at {when(info)}: paused {pause_text(info.meta.pause_ms or 0)}", 10000)
         if self.tray:
             self.tray.refresh()
 

@@ -95,8 +95,8 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 
 def checkpoint_row(c: CheckpointInfo) -> list[Any]:
     m = c.meta
-    pause = f"{m['pause_ms']:.1f} ms" if m.get("pause_ms") is not None else "-"
-    flags = ("pinned " if c.pinned else "") + str(m.get("kind", ""))
+    pause = f"{m.pause_ms:.1f} ms" if m.pause_ms is not None else "-"
+    flags = ("pinned " if c.pinned else "") + (m.kind or "")
     return [c.id[:8], local_time(c.created), (c.parent or "-")[:8], pause, size_text(c.added_bytes), flags, c.note]
 
 
@@ -125,7 +125,8 @@ class Cli:
             a.name, disk=a.disk, iso=a.iso, kernel=a.kernel, initrd=a.initrd, append=a.append,
             memory_mib=a.memory >> 20, cpus=a.cpus, disk_size=a.disk_size,
         )
-        self.out(asdict(s.load_config()), f"Created session {a.name!r}; start it with `session-manager start {a.name}`.")
+        self.out(asdict(s.load_config()),
+                 f"Created session {a.name!r}; start it with `session-manager start {a.name}`.")
 
     def list(self) -> None:
         rows: list[dict[str, Any]] = []
@@ -178,7 +179,7 @@ class Cli:
     def recover(self) -> None:
         name = self.args.name
         ckpt = asyncio.run(self.engine.recover(name))
-        self.out({"recovered": ckpt.id, "kind": ckpt.meta.get("kind"), "created": ckpt.created},
+        self.out({"recovered": ckpt.id, "kind": ckpt.meta.kind, "created": ckpt.created},
                  recovered_message(name, ckpt))
 
     def daemon(self) -> None:
@@ -205,8 +206,10 @@ class Cli:
             lines.append(f"  QEMU died while it ran; `session-manager recover {st.name}` (or `start`) restores its "
                          "latest checkpoint")
         if st.pid:
-            lines.append(f"  QEMU {st.qemu_version} ({st.qemu}), pid {st.pid}, accelerator {st.accel} ({st.accel_reason})")
-            lines.append(f"  checkpoints: {'live (background snapshot)' if st.live_checkpoints else 'stop-and-copy (pauses the guest)'}")
+            lines.append(f"  QEMU {st.qemu_version} ({st.qemu}), pid {st.pid}, "
+                         f"accelerator {st.accel} ({st.accel_reason})")
+            mode = "live (background snapshot)" if st.live_checkpoints else "stop-and-copy (pauses the guest)"
+            lines.append(f"  checkpoints: {mode}")
             lines.append(f"  display: VNC on {st.vnc_socket}")
         else:
             lines.append(f"  starts with QEMU {st.qemu_version} ({st.qemu})")
@@ -230,10 +233,10 @@ class Cli:
     # -- checkpoints -------------------------------------------------------------
     def checkpoint(self) -> None:
         c = asyncio.run(self.engine.checkpoint(self.args.name, self.args.message or ""))
-        mode = "live" if c.meta["live"] else "stop-and-copy: the guest was paused"
-        self.out(c.to_dict(), f"Checkpoint {c.id[:8]}: paused {c.meta['pause_ms']:.1f} ms ({mode}), "
-                              f"{c.meta['wall_s']:.2f} s, added {size_text(c.added_bytes)}.")
-        self._advise(c.meta["live"])
+        mode = "live" if c.meta.live else "stop-and-copy: the guest was paused"
+        self.out(c.to_dict(), f"Checkpoint {c.id[:8]}: paused {c.meta.pause_ms or 0:.1f} ms ({mode}), "
+                              f"{c.meta.wall_s or 0:.2f} s, added {size_text(c.added_bytes)}.")
+        self._advise(bool(c.meta.live))
 
     def checkpoints(self) -> None:
         cs = self.engine.checkpoints(self.args.name)
@@ -316,7 +319,13 @@ class Cli:
         s = self.engine.session(self.args.name)
         c = self.engine.find_checkpoint(s, self.args.checkpoint)
         self.engine.repo.annotate(c.id, pinned=not self.args.unpin)
-        self.out({"id": c.id, "pinned": not self.args.unpin}, f"{'Unpinned' if self.args.unpin else 'Pinned'} {c.id[:8]}.")
+        self.out({"id": c.id, "pinned": not self.args.unpin},
+                 f"{'Unpinned' if self.args.unpin else 'Pinned'} {c.id[:8]}.")
+
+    def delete_checkpoint(self) -> None:
+        c = asyncio.run(self.engine.delete_checkpoint(self.args.name, self.args.checkpoint))
+        self.out({"deleted": c.id}, f"Deleted checkpoint {c.id[:8]} of {c.session}; `session-manager prune` frees "
+                                    "its space.")
 
     # -- other installations -----------------------------------------------------------
     def serve(self) -> None:
@@ -350,8 +359,8 @@ class Cli:
         self.out({"session": a.name, "peer": a.peer, "checkpoint": r.checkpoint.to_dict(),
                   "transfer": r.transfer.to_dict(), "status": r.status},
                  f"Sent checkpoint {r.checkpoint.id[:8]} of {a.name} ({local_time(r.checkpoint.created)}) to {a.peer}: "
-                 f"{r.transfer.objects_done} objects, {size_text(r.transfer.bytes_done)}. `session-manager start {a.name}` "
-                 "there resumes it; the session stays here as it was.")
+                 f"{r.transfer.objects_done} objects, {size_text(r.transfer.bytes_done)}. "
+                 f"`session-manager start {a.name}` there resumes it; the session stays here as it was.")
 
     def id(self) -> None:
         me = load_identity(self.engine.home)
@@ -538,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name")
     c.add_argument("checkpoint")
     c.add_argument("--unpin", action="store_true")
+    c = cmd("delete-checkpoint", "delete one checkpoint (not a pinned one, nor the one the session runs from)")
+    c.add_argument("name")
+    c.add_argument("checkpoint")
     cmd("demo", "create and start a small demo session")
     c = cmd("check", "verify the checkpoint repository")
     c.add_argument("--read-data", action="store_true", help="also read every blob and check its hash")
@@ -662,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .app import run
 
             return run(cli.engine.home)
-        getattr(cli, args.command)()
+        getattr(cli, args.command.replace("-", "_"))()
         return 0
     except SessionManagerError as e:
         log.error("%s", e)

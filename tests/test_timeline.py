@@ -27,7 +27,7 @@ from PySide6.QtGui import (
 )
 from PySide6.QtWidgets import QApplication
 
-from session_manager.store.repo import CheckpointInfo
+from session_manager.store.repo import CheckpointInfo, CheckpointMeta
 from session_manager.ui import timeline
 from session_manager.ui.timeline import (
     MIME_CHECKPOINT,
@@ -43,9 +43,16 @@ T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 
 def ckpt(cid: str, minutes: float, parent: str | None = None, kind: str = "manual", note: str = "",
          pinned: bool = False, added: int = 35 << 20, live: bool = True) -> CheckpointInfo:
-    meta: dict[str, Any] = {"kind": kind, "note": note, "pinned": pinned, "pause_ms": 4.2, "live": live}
+    meta = CheckpointMeta(kind=kind, note=note, pause_ms=4.2, live=live)
     return CheckpointInfo(cid, "work", parent, (T0 + timedelta(minutes=minutes)).isoformat(), meta,
-                          added, 2 << 30, 20 << 30, manifest={})
+                          {"pinned": pinned}, added, 2 << 30, 20 << 30, manifest={})
+
+
+def refuse_head_and_pinned(info: CheckpointInfo) -> str | None:
+    """The engine's rule (tested for real in test_cli.py), as a timeline with head "g" would get it."""
+    if info.pinned:
+        return f"Checkpoint {info.id} is pinned, so it cannot be deleted; unpin it first."
+    return f"The running session continues from {info.id}, so it cannot be deleted." if info.id == "g" else None
 
 
 def tree() -> list[CheckpointInfo]:
@@ -75,7 +82,7 @@ def png(color: str, text: str) -> bytes:
 
 @pytest.fixture
 def view(qtbot: Any) -> TimelineView:
-    v = TimelineView()
+    v = TimelineView(refuse_head_and_pinned)
     qtbot.addWidget(v)
     v.resize(1000, 480)
     v.set_checkpoints(tree(), "g")
@@ -225,7 +232,7 @@ def test_drop_on_now_restores(view: TimelineView, qtbot: Any) -> None:
 
 
 def test_zoom_scales_and_keeps_the_anchor(qtbot: Any) -> None:
-    v = TimelineView()
+    v = TimelineView(refuse_head_and_pinned)
     qtbot.addWidget(v)
     v.resize(900, 400)
     items = [ckpt(f"c{i}", 10 * i, f"c{i - 1}" if i else None, "autosave" if i % 3 else "manual") for i in range(40)]
@@ -263,7 +270,7 @@ def test_thumbnails_load_lazily_once(qtbot: Any) -> None:
         calls.append(cid)
         return png("#336699", cid)
 
-    v = TimelineView()
+    v = TimelineView(refuse_head_and_pinned)
     qtbot.addWidget(v)
     v.resize(900, 400)
     v.set_thumbnail_loader(load)
@@ -294,7 +301,7 @@ def test_hover_preview(view: TimelineView, qtbot: Any) -> None:
 
 def test_render(qtbot: Any, tmp_path: Path) -> None:
     """Renders sample data to PNGs in tmp_path, to look at."""
-    v = TimelineView()
+    v = TimelineView(refuse_head_and_pinned)
     qtbot.addWidget(v)
     v.resize(1100, 420)
     v.grab().save(str(tmp_path / "empty.png"))

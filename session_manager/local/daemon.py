@@ -43,7 +43,7 @@ def crash_message(engine: Engine, name: str) -> str:
 def recovered_message(name: str, ckpt: CheckpointInfo) -> str:
     age = (datetime.now(UTC) - ckpt.created_at).total_seconds()
     return (f"Recovered {name} from its latest checkpoint {ckpt.id[:8]} "
-            f"({ckpt.meta.get('kind', 'checkpoint')}, taken {duration(max(age, 0))} ago).")
+            f"({ckpt.meta.kind or 'checkpoint'}, taken {duration(max(age, 0))} ago).")
 
 
 class Daemon:
@@ -135,7 +135,7 @@ class Daemon:
     def _saved(self, name: str, ckpt: CheckpointInfo) -> None:
         for wake in self.wakes:
             wake.set()
-        self._say(f"Autosaved {name}: checkpoint {ckpt.id[:8]}, paused {ckpt.meta['pause_ms']:.1f} ms.")
+        self._say(f"Autosaved {name}: checkpoint {ckpt.id[:8]}, paused {ckpt.meta.pause_ms or 0:.1f} ms.")
 
     def _names(self) -> list[str]:
         return list(self.sessions) if self.sessions else [s.name for s in self.engine.sessions()]

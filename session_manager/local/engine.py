@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import NotFoundError, QemuError, SessionManagerError, StreamFormatError, UsageError
+from ..errors import CorruptionError, NotFoundError, QemuError, SessionManagerError, StreamFormatError, UsageError
+from ..files import atomic_write
 from ..paths import Home, machine_cache
-from ..store.repo import CheckpointInfo, Repository
+from ..store.repo import CheckpointInfo, CheckpointMeta, Repository
 from ..vm import disk as vdisk
 from ..vm.machine import Machine, RunState, Sockets, launch, wait_exit
 from ..vm.migrate import recover_source
@@ -176,7 +177,8 @@ class Engine:
         session.disks.mkdir(parents=True, exist_ok=True)
         try:
             if disk is not None:
-                vdisk.create_overlay(session.layer_path(first), Path(config.base_image or ""), base_format or "raw", disk_size)
+                vdisk.create_overlay(session.layer_path(first), Path(config.base_image or ""), base_format or "raw",
+                                     disk_size)
             else:
                 vdisk.create_blank(session.layer_path(first), disk_size)
             session.create(config, first)
@@ -253,19 +255,28 @@ class Engine:
             f.write(f"\n{SERIAL_MARK} {why} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         qemu = self.qemu
         if config.machine not in machine_types(qemu):
-            raise QemuError(f"Session {session.name!r} has machine type {config.machine}, which QEMU {qemu.version_text} "
-                            f"({qemu.system}) does not have; run it with the newer QEMU it was made with (the `qemu` "
-                            "setting in settings.toml).")
+            raise QemuError(f"Session {session.name!r} has machine type {config.machine}, which QEMU "
+                            f"{qemu.version_text} ({qemu.system}) does not have; run it with the newer QEMU it was "
+                            "made with (the `qemu` setting in settings.toml).")
         argv = command_line(qemu, config, accel=accel.name, top_layer=top, sockets=sockets,
                             serial_log=session.serial_log, incoming=incoming, paused=paused)
         await launch(argv, sockets, session.qemu_log)
-        (sockets.runtime / "accel").write_text(f"{accel.name}\n{accel.reason}\n")
-        (sockets.runtime / "qemu").write_text(f"{qemu.version_text}\n{qemu.system}\n")
+        atomic_write(sockets.runtime / "accel", f"{accel.name}\n{accel.reason}\n".encode())
+        atomic_write(sockets.runtime / "qemu", f"{qemu.version_text}\n{qemu.system}\n".encode())
+
+    @staticmethod
+    def config_of(ckpt: CheckpointInfo) -> SessionConfig:
+        """The session config a checkpoint recorded; CorruptionError (one sentence) if it has none or a bad one."""
+        try:
+            return SessionConfig.from_json(ckpt.meta.config)
+        except ValueError:
+            raise CorruptionError(f"Checkpoint {ckpt.id[:8]} of {ckpt.session} records no usable session settings, so "
+                                  "it cannot be restored; restore another checkpoint.") from None
 
     def require_loadable(self, ckpt: CheckpointInfo) -> None:
         """Refuse, before anything changes, a checkpoint that this computer's QEMU cannot load."""
         qemu = self.qemu
-        why = cannot_load(qemu.version_text, machine_types(qemu), ckpt.meta.get("qemu"), ckpt.meta["config"]["machine"])
+        why = cannot_load(qemu.version_text, machine_types(qemu), ckpt.meta.qemu, self.config_of(ckpt).machine)
         if why:
             raise QemuError(f"Checkpoint {ckpt.id[:8]} of {ckpt.session} cannot run here: {why}: install one, or "
                             "point the `qemu` setting in settings.toml at it.")
@@ -280,7 +291,7 @@ class Engine:
 
     async def _note_live_support(self, machine: Machine, session: Session) -> bool:
         live = await live_supported(machine)
-        (session.runtime / "live").write_text("1" if live else "0")
+        atomic_write(session.runtime / "live", b"1" if live else b"0")
         if not live:
             log.warning(UFFD_ADVICE)
         return live
@@ -527,19 +538,10 @@ class Engine:
         session.save_state(state)
 
     @staticmethod
-    def _meta(cap: Capture, note: str, kind: str, config: SessionConfig, qemu: str) -> dict[str, Any]:
-        return {
-            "kind": kind,
-            "note": note,
-            "live": cap.live,
-            "pause_ms": round(cap.pause_ms, 3),
-            "downtime_ms": cap.downtime_ms,
-            "wall_s": round(cap.wall_s, 3),
-            "stream_bytes": cap.stream_bytes,
-            "disk_layer": cap.frozen_layer,
-            "qemu": qemu,
-            "config": asdict(config),
-        }
+    def _meta(cap: Capture, note: str, kind: str, config: SessionConfig, qemu: str) -> CheckpointMeta:
+        return CheckpointMeta(kind=kind, note=note, live=cap.live, pause_ms=round(cap.pause_ms, 3),
+                              downtime_ms=cap.downtime_ms, wall_s=round(cap.wall_s, 3), stream_bytes=cap.stream_bytes,
+                              disk_layer=cap.frozen_layer, qemu=qemu, config=asdict(config))
 
     def forget(self, name: str, **rules: Any) -> list[CheckpointInfo]:
         """Apply a retention policy; the checkpoint the session runs from and its saved state always stay."""
@@ -562,6 +564,30 @@ class Engine:
     def checkpoints(self, name: str) -> list[CheckpointInfo]:
         self.session(name)
         return self.repo.checkpoints(session=name) if self.has_repository() else []
+
+    def cannot_delete(self, name: str, ckpt: CheckpointInfo) -> str | None:
+        """Why one of a session's checkpoints may not be deleted (one sentence), or None: it is pinned, the session
+        runs from it, or resumes to it.  The rule of every deletion by hand (retention has keep_ids and pins)."""
+        state = self.session(name).load_state()
+        if ckpt.pinned:
+            return f"Checkpoint {ckpt.id[:8]} is pinned, so it cannot be deleted; unpin it first."
+        if ckpt.id == state.head:
+            return f"The running session {name} continues from checkpoint {ckpt.id[:8]}, so it cannot be deleted."
+        if ckpt.id == state.saved:
+            return f"Session {name} resumes from checkpoint {ckpt.id[:8]} when started, so it cannot be deleted."
+        return None
+
+    async def delete_checkpoint(self, name: str, ref: str) -> CheckpointInfo:
+        """Delete one checkpoint of a session, under the session's lock, unless :meth:`cannot_delete` refuses
+        (UsageError); prune frees its space."""
+        session = self.session(name)
+        async with self._locked(session):
+            ckpt = self.find_checkpoint(session, ref)
+            why = self.cannot_delete(name, ckpt)
+            if why:
+                raise UsageError(why)
+            self.repo.delete_checkpoint(ckpt)
+            return ckpt
 
     def find_checkpoint(self, session: Session, ref: str) -> CheckpointInfo:
         if not self.has_repository():
@@ -592,9 +618,9 @@ class Engine:
 
         Should the start fail, the session stays, stopped with the checkpoint as its saved state (which is all
         that happens without ``start``: `start` resumes it later).  A checkpoint a paired peer sent comes with the
-        ``config`` that arrivals.py allows it here, and that peer as ``arrived_from``.
+        ``config`` that net/arrivals.py allows it here, and that peer as ``arrived_from``.
         """
-        config = config or SessionConfig(**ckpt.meta["config"])
+        config = config or self.config_of(ckpt)
         for label, path in (("kernel", config.kernel), ("initrd", config.initrd), ("ISO", config.iso)):
             if path and not Path(path).is_file():
                 raise NotFoundError(f"Checkpoint {ckpt.id[:8]} needs the {label} {path}, which this computer does "
@@ -619,7 +645,7 @@ class Engine:
         started = time.monotonic()
         await asyncio.to_thread(self.repo.verify, ckpt)
         log.info("verified checkpoint %s in %.2f s", ckpt.id, time.monotonic() - started)
-        config = SessionConfig(**ckpt.meta["config"])
+        config = self.config_of(ckpt)
         state = session.load_state()
         sockets = self.sockets(session)
         before = None
@@ -656,9 +682,9 @@ class Engine:
         return before
 
     async def receive(self, config: SessionConfig, disk_size: int, why: str, peer: str) -> Session:
-        """Create a session to receive a live migration from ``peer`` (vm/migrate.py; ``config`` as arrivals.py allows
-        it): a blank qcow2 of ``disk_size`` as its only layer, and its QEMU waiting for the incoming state, paused.
-        It starts a fresh checkpoint history."""
+        """Create a session to receive a live migration from ``peer`` (vm/migrate.py; ``config`` as net/arrivals.py
+        allows it): a blank qcow2 of ``disk_size`` as its only layer, and its QEMU waiting for the incoming state,
+        paused.  It starts a fresh checkpoint history."""
         session = Session(self.home, config.name)
         first = vdisk.new_layer_name()
         session.create(config, first)
@@ -729,7 +755,7 @@ class Engine:
         finally:
             raw.unlink(missing_ok=True)
             stream.with_suffix(".migration.part").unlink(missing_ok=True)
-        config = SessionConfig(**ckpt.meta["config"])
+        config = self.config_of(ckpt)
         argv = command_line(self.qemu, config, accel=self.accelerator().name, top_layer=qcow2, sockets=Sockets(out_dir),
                             serial_log=out_dir / f"{name}-serial.log")
         return _standalone(argv, stream)

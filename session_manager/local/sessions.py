@@ -15,6 +15,7 @@ The user's own disk image is only ever a read-only backing file.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -51,6 +52,31 @@ class SessionConfig:
     def to_toml(self) -> str:
         return tomli_w.dumps({k: v for k, v in asdict(self).items() if v is not None})
 
+    @classmethod
+    def from_json(cls, fields: object) -> SessionConfig:
+        """From a JSON object that came from elsewhere (a checkpoint's meta, a peer), every field of its type, so no
+        option can ride in a QEMU argument; ValueError if not."""
+        try:
+            if not isinstance(fields, dict) or set(fields) - set(_TYPES) or any(
+                    not isinstance(v, _TYPES[k]) or isinstance(v, bool) for k, v in fields.items()):
+                raise TypeError(fields)
+            config = cls(**fields)
+            check_name(config.name)
+            if not _MACHINE.fullmatch(config.machine) or config.boot not in ("kernel", "disk", "iso") \
+                    or config.disk_size <= 0:
+                raise ValueError(config)
+        except (TypeError, ValueError, UsageError):
+            raise ValueError("malformed session config") from None
+        return config
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {
+          "name": str, "machine": str, "memory_mib": int, "cpus": int, "boot": str, "disk_size": int,
+          "base_image": (str, type(None)), "base_format": (str, type(None)), "kernel": (str, type(None)),
+          "initrd": (str, type(None)), "append": (str, type(None)), "iso": (str, type(None)),
+          "vnc_tcp": (str, type(None)), "created": str}
+_MACHINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
 
 @dataclass
 class SessionState:
@@ -66,7 +92,7 @@ class SessionState:
     # The paired peer the session was live-migrated to, which runs it now; this computer runs it no more.
     moved_to: str | None = None
     # The paired peer the session came from (live migration or `send`): only that peer may see its screen or
-    # replace it with another arrival (arrivals.py).
+    # replace it with another arrival (net/arrivals.py).
     arrived_from: str | None = None
 
 

@@ -1,1 +1,2 @@
-"""Other machines: this installation's identity, paired peers and their agent, sending and live-migrating sessions, hand-over, and remote repositories."""
+"""Other machines: this installation's identity, paired peers and their agent, sending and live-migrating sessions,
+hand-over, and remote repositories."""

@@ -42,6 +42,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import PeerError, SessionManagerError, UsageError
+from ..files import atomic_write
 from ..paths import Home, make_private_dir
 from .identity import Identity, fingerprint, installation_name, load_identity, short_id
 from .peers import (
@@ -179,7 +180,7 @@ class Agent:
                             "there already, stop it or pick another address with --listen.") from None
         bound = server.sockets[0].getsockname()[1]
         state = make_private_dir(self.home.runtime) / "agent.json"
-        state.write_text(json.dumps({"pid": os.getpid(), "port": bound}))
+        atomic_write(state, json.dumps({"pid": os.getpid(), "port": bound}).encode())
         self.say(f"Listening on {format_address(host, bound)} as {self.name} ({self.identity.short_id}); to pair "
                  f"another computer with this one, run `session-manager peers add {self.name}:{bound}` there.",
                  logging.INFO)
@@ -330,7 +331,8 @@ class Agent:
             return claimed.certificate
         offered = args.get("certificate")
         try:
-            if isinstance(offered, str) and len(offered) < 8192 and fingerprint(offered.encode()) == args["fingerprint"]:
+            if isinstance(offered, str) and len(offered) < 8192 \
+                    and fingerprint(offered.encode()) == args["fingerprint"]:
                 return offered
         except (ValueError, KeyError):
             pass
@@ -394,7 +396,7 @@ class Agent:
                 raise PeerError(f"{self.name} has pairing requests waiting already (one per address at most); "
                                 "accept or let them expire there, then try again.")
             make_private_dir(path.parent)
-            path.write_text(json.dumps(asdict(request)))
+            atomic_write(path, json.dumps(asdict(request)).encode())
             self.say(f"{request.name} at {call.host} ({short_id(theirs)}) wants to pair; accept with "
                      f"`session-manager peers accept {short_id(theirs)}`.", logging.WARNING)
             try:

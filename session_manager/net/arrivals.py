@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from pathlib import Path
 
 from ..errors import PeerError, UsageError
 from ..local.sessions import Session, SessionConfig
 from ..local.settings import Settings
-from ..paths import Home, check_name
+from ..paths import Home
 from .identity import installation_name
 
 DEMO_GUEST = "testguest"  # this home's demo guest: cache/testguest (engine.demo)
@@ -50,7 +49,11 @@ class ArrivalRules:
     def config(self, fields: object, peer: str) -> SessionConfig:
         """The config of a session from ``peer`` (as it sent it) as it may run here; UsageError (one sentence) if it
         may not, PeerError if it is malformed."""
-        config = _parse(fields)
+        try:
+            config = SessionConfig.from_json(fields)
+        except ValueError:
+            raise PeerError("The session's settings that arrived were malformed; use the same version of "
+                            "session-manager on both computers.") from None
         here = installation_name()
         if config.memory_mib > self.max_memory_mib or not 1 <= config.cpus <= self.max_cpus:
             raise UsageError(f"Session {config.name!r} wants {config.memory_mib} MiB and {config.cpus} CPUs, more than "
@@ -65,30 +68,6 @@ class ArrivalRules:
                                  f"session from {peer} use; put it in a directory listed in arrivals_boot_dirs (its "
                                  "settings.toml), or send a session that boots from its disk.")
         return dataclasses.replace(config, vnc_tcp=None, base_image=None, base_format=None)
-
-
-_TYPES = {"name": str, "machine": str, "memory_mib": int, "cpus": int, "boot": str, "disk_size": int,
-          "base_image": (str, type(None)), "base_format": (str, type(None)), "kernel": (str, type(None)),
-          "initrd": (str, type(None)), "append": (str, type(None)), "iso": (str, type(None)),
-          "vnc_tcp": (str, type(None)), "created": str}
-_MACHINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def _parse(fields: object) -> SessionConfig:
-    """A SessionConfig from a peer's JSON object, every field of its type (no option can ride in a QEMU argument)."""
-    try:
-        if not isinstance(fields, dict) or set(fields) - set(_TYPES) or any(
-                not isinstance(v, _TYPES[k]) or isinstance(v, bool) for k, v in fields.items()):
-            raise TypeError(fields)
-        config = SessionConfig(**fields)
-        check_name(config.name)
-        if not _MACHINE.fullmatch(config.machine) or config.boot not in ("kernel", "disk", "iso") \
-                or config.disk_size <= 0:
-            raise ValueError(config)
-    except (TypeError, ValueError, UsageError):
-        raise PeerError("The session's settings that arrived were malformed; use the same version of session-manager "
-                        "on both computers.") from None
-    return config
 
 
 def check_replaceable(session: Session, peer: str) -> None:

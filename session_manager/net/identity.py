@@ -166,7 +166,7 @@ def write_qemu_tls_dir(folder: Path, identity: Identity, peer_cert_pem: bytes,
     on the client set the migration parameter ``tls-hostname`` to :data:`TLS_HOSTNAME`.
     """
     make_private_dir(folder)
-    (folder / "ca-cert.pem").write_bytes(peer_cert_pem)
-    (folder / f"{endpoint}-cert.pem").write_bytes(identity.cert_pem)
+    atomic_write(folder / "ca-cert.pem", peer_cert_pem)
+    atomic_write(folder / f"{endpoint}-cert.pem", identity.cert_pem)
     atomic_write(folder / f"{endpoint}-key.pem", identity.key_file.read_bytes())
     return folder

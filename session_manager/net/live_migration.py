@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PeerError, SessionManagerError, UsageError
+from ..files import atomic_write
 from ..local.engine import Engine
 from ..local.sessions import Session
 from ..paths import make_private_dir, valid_name
@@ -281,7 +282,7 @@ async def migrate(engine: Engine, name: str, peer_name: str, say: Callable[[str]
         shutil.rmtree(tls, ignore_errors=True)
         write_qemu_tls_dir(tls, load_identity(home), peer.certificate.encode(), "client")
         mark = engine.migration_mark(session)
-        mark.write_text(peer.name)
+        atomic_write(mark, peer.name.encode())
         try:
             async with connect(home, peer) as conn:
                 await require_peer_loads(conn, engine.running_qemu(session)[0], config.machine, f"Session {name}")

@@ -156,7 +156,8 @@ class CheckpointReceiver:
         known = await asyncio.to_thread(repo_keys.remembered, repo_id, where, keyfile)
         if known is not None and not hmac.compare_digest(known.raw, key.raw):
             raise RepositoryError(f"{installation_name()} keeps another key for this repository than the one "
-                                  f"{call.peer.name} sent, so it took nothing; check that both use the same repository.")
+                                  f"{call.peer.name} sent, so it took nothing; check that both use the same "
+                                  "repository.")
         if await asyncio.to_thread(adopt_identity, home, config) is None:
             raise RepositoryError(f"{installation_name()}'s checkpoint repository ({home.repository}) is another one "
                                   f"than {call.peer.name}'s and holds checkpoints, so it takes none of "
@@ -262,7 +263,7 @@ class CheckpointReceiver:
         if ckpt.id != ref:
             raise PeerError("session-adopt names a checkpoint by its whole id; use the same version of "
                             "session-manager on both computers.")
-        config = ArrivalRules.of(engine.home).config(ckpt.meta.get("config"), peer)
+        config = ArrivalRules.of(engine.home).config(ckpt.meta.config, peer)
         if config.name != ckpt.session:
             raise PeerError(f"Checkpoint {ckpt.id[:8]} names two sessions; it cannot be adopted.")
         engine.require_loadable(ckpt)
@@ -382,7 +383,7 @@ async def send(engine: Engine, name: str, peer_name: str, ref: str | None = None
                              f"{name}` (or stop it, which saves one).")
         ckpt = ckpts[-1]
     async with connect(engine.home, peer) as conn:
-        await require_peer_loads(conn, ckpt.meta.get("qemu"), ckpt.meta["config"]["machine"],
+        await require_peer_loads(conn, ckpt.meta.qemu, engine.config_of(ckpt).machine,
                                  f"Checkpoint {ckpt.id[:8]} of {name}")
         sent = await _copy(engine, conn, [ckpt.id], progress)
         status = await conn.call("session-adopt", timeout=CALL_TIMEOUT, checkpoint=ckpt.id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 
 from PySide6.QtCore import QObject, Signal
 
@@ -22,12 +23,14 @@ class PeerReachability(QObject):
 
     changed = Signal()  # read .results()
 
-    def __init__(self, home: Home, interval: float = INTERVAL, parent: QObject | None = None) -> None:
+    def __init__(self, home: Home, interval: float = INTERVAL, parent: QObject | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(parent)
         self.home = home
         self.interval = interval
+        self._clock = clock
         self._results: dict[Peer, str | None] | None = None  # None until the first check ends
-        self._checked = -math.inf  # time.monotonic() when the last check ended
+        self._checked = -math.inf  # clock() when the last check ended
         self._task: asyncio.Task[None] | None = None
 
     def results(self) -> list[tuple[Peer, str | None]] | None:
@@ -44,7 +47,7 @@ class PeerReachability(QObject):
         if self._task is not None and not self._task.done():
             return
         peers = Peers(self.home).all()
-        if time.monotonic() - self._checked < self.interval and set(peers) == set(self._results or {}):
+        if self._clock() - self._checked < self.interval and set(peers) == set(self._results or {}):
             return
         self._task = asyncio.ensure_future(self._check(peers))
 
@@ -59,7 +62,7 @@ class PeerReachability(QObject):
             reasons = await check(self.home, peers)
         except SessionManagerError as e:  # e.g. this installation's identity cannot be read
             reasons = [str(e)] * len(peers)
-        self._checked = time.monotonic()
+        self._checked = self._clock()
         results = dict(zip(peers, reasons))
         if results != self._results:
             self._results = results

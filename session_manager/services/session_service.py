@@ -69,6 +69,7 @@ class SessionService(QObject):
         self.error: str | None = None  # the last operation's failure, until an operation succeeds
         self.crash: str | None = None  # why the machine stopped unexpectedly, until it runs again
         self._op: asyncio.Task[Any] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # deletions: they wait for the session's lock, not for _op
         self._cancel = False
         self._poll = QTimer(self)
         self._poll.setInterval(POLL_MS)
@@ -192,12 +193,23 @@ class SessionService(QObject):
     def set_pinned(self, ckpt_id: str, pinned: bool) -> None:
         self._edit(lambda: self.engine.repo.annotate(ckpt_id, pinned=pinned))
 
+    def cannot_delete(self, info: CheckpointInfo) -> str | None:
+        """Why the engine would refuse to delete this checkpoint, so that the timeline need not ask first."""
+        try:
+            return self.engine.cannot_delete(self.name, info)
+        except SessionManagerError as e:
+            return str(e)
+
     def delete(self, ckpt_id: str) -> None:
-        state = self.engine.session(self.name).load_state()
-        if ckpt_id in (state.head, state.saved):
-            self.failed.emit("This checkpoint is what the session runs from or resumes to, so it cannot be deleted.")
-            return
-        self._edit(lambda: self.engine.repo.delete_checkpoint(ckpt_id))
+        async def delete() -> None:
+            try:
+                await self.engine.delete_checkpoint(self.name, ckpt_id)
+            except SessionManagerError as e:
+                self.failed.emit(str(e))
+            self.reload_checkpoints()
+
+        self._tasks.add(task := asyncio.ensure_future(delete()))
+        task.add_done_callback(self._tasks.discard)
 
     def reload_checkpoints(self) -> None:
         try:

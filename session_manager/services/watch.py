@@ -14,7 +14,8 @@ SETTLE_MS = 150
 
 
 class RepositoryWatcher(QObject):
-    """Emits ``changed`` (on the UI thread, at most every SETTLE_MS) when a checkpoint is added, annotated or removed."""
+    """Emits ``changed`` (on the UI thread, at most every SETTLE_MS) when a checkpoint is added, annotated or
+    removed."""
 
     changed = Signal()
     _poked = Signal()  # from watchdog's thread; Qt queues it to this object's thread

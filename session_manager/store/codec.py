@@ -44,6 +44,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from ..errors import CorruptionError
 
+# The repository's format (its config's "version" and every manifest's): 1 was unencrypted, 2 is everything in
+# this module.  A reader refuses any other (repo.py, docs/design.md "Versions").
+FORMAT_VERSION = 2
 ID_SIZE = 32
 KEY_SIZE = 64
 NONCE_SIZE = 12

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import blake3
 
-from ..errors import CorruptionError, NotFoundError, UsageError
+from ..errors import CorruptionError, NotFoundError
 from .backend import AlreadyExistsError
 from .codec import (
-    IndexEntry,
     blob_ad,
     count_entries,
     decode,
@@ -28,7 +26,8 @@ from .index import BlobTable
 from .writer import Packer
 
 if TYPE_CHECKING:
-    from .repo import CheckpointInfo, Repository
+    from .records import CheckpointInfo
+    from .repo import Repository
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ class Walker:
         m = info.manifest
         what = f"checkpoint {info.id[:8]}"
         problems: list[str] = []
-        for key in self.repo._segments(info):
+        for key in self.repo.objects.segments(info.id):
             problems += self._container(key, "memory segment", what,
                                         lambda plain: decode_segment(plain, f"A memory segment of {what}")[2])
         for _, h in (m["disk"] or {}).get("maps", []):
@@ -143,7 +142,8 @@ class Walker:
         problems = self._mark([key], kind, what)
         if not problems:
             try:
-                problems = self._mark(children(self.repo._fetch(self.table, [key], what)[0]), f"{kind} part", what)
+                plain = self.repo.objects.fetch(self.table, [key], what)[0]
+                problems = self._mark(children(plain), f"{kind} part", what)
             except CorruptionError as e:
                 problems = [str(e)]
         if pos >= 0 and problems:
@@ -168,16 +168,16 @@ class Walker:
 
 def check(repo: Repository, read_data: bool) -> CheckReport:
     report = CheckReport()
-    with repo._lock(False, "check"):
+    with repo.objects.lock(False, "check"):
         table = BlobTable()
         for name in sorted(repo.backend.list("index/")):
             try:
-                for pack_id, entries in repo._load_index(name):
+                for pack_id, entries in repo.objects.load_index(name):
                     table.add_pack(pack_id.hex(), iter_entries(entries))
             except (CorruptionError, NotFoundError) as e:
                 report.errors.append(str(e))
         if report.errors:  # as the repository itself reads it then: what a damaged index listed, from the packs
-            index_unlisted_packs(repo, table)
+            repo.objects.index_unlisted_packs(table)
         on_disk = {n.rpartition("/")[2]: n for n in repo.backend.list("data/")}
         report.unused_packs = len(set(on_disk) - set(table.pack_numbers))
         by_pack: dict[int, list[int]] = {}
@@ -195,13 +195,13 @@ def check(repo: Repository, read_data: bool) -> CheckReport:
             ckpt_id = name.removeprefix("checkpoints/")
             if ckpt_id not in listed:
                 try:
-                    repo._read_manifest(ckpt_id)
+                    repo.objects.read_manifest(ckpt_id)
                 except (CorruptionError, NotFoundError) as e:
                     report.errors.append(f"{str(e).rstrip('.')} ({name}).")
                     report.damaged.append(ckpt_id)
         for info in infos:
-            if info.meta.get("damaged_annotation"):
-                report.errors.append(f"The annotation {info.meta['damaged_annotation']} is damaged; checkpoint "
+            if info.annotation.get("damaged_annotation"):
+                report.errors.append(f"The annotation {info.annotation['damaged_annotation']} is damaged; checkpoint "
                                      f"{info.id[:8]} is kept as if pinned until it is pinned or unpinned again.")
         for info in infos:
             report.checkpoints += 1
@@ -258,42 +258,15 @@ def _check_pack(repo: Repository, table: BlobTable, pack: str, name: str | None,
     return None
 
 
-def forget(repo: Repository, session: str, keep_last: int | None, rules: dict[str, int | None],
-           keep_within: timedelta | None, keep_manual: bool, keep_ids: Iterable[str] = (),
-           kinds: Collection[str] | None = None) -> list[CheckpointInfo]:
-    """``rules``: strftime bucket format -> how many of the newest buckets keep their newest checkpoint."""
-    if not keep_last and not keep_within and not any(rules.values()):
-        raise UsageError("Forget needs at least one rule (keep-last, keep-hourly, keep-daily, keep-weekly, "
-                         "keep-monthly or keep-within); nothing was forgotten.")
-    newest_first = [c for c in repo.checkpoints(session)[::-1] if kinds is None or c.meta.get("kind") in kinds]
-    keep = {c.id for c in newest_first[:keep_last or 0]} | set(keep_ids)
-    keep |= {c.id for c in newest_first if c.pinned or (keep_manual and c.meta.get("kind") == "manual")}
-    if keep_within and newest_first:
-        keep |= {c.id for c in newest_first if c.created_at >= newest_first[0].created_at - keep_within}
-    for fmt, count in rules.items():
-        buckets: set[str] = set()
-        for c in newest_first:
-            if len(buckets) >= (count or 0):
-                break
-            bucket = c.created_at.astimezone().strftime(fmt)
-            if bucket not in buckets:
-                buckets.add(bucket)
-                keep.add(c.id)
-    removed = [c for c in newest_first[::-1] if c.id not in keep]
-    for c in removed:
-        repo.delete_checkpoint(c)
-    return removed
-
-
 def prune(repo: Repository) -> PruneStats:
     stats = PruneStats()
     backend = repo.backend
-    with repo._lock(True, "prune", wait=PRUNE_LOCK_WAIT):
+    with repo.objects.lock(True, "prune", wait=PRUNE_LOCK_WAIT):
         old_indexes = sorted(backend.list("index/"))
         table = BlobTable()
         indexed: dict[str, memoryview] = {}  # pack id -> its encoded index entries
         for name in old_indexes:
-            for raw_id, entries in repo._load_index(name):
+            for raw_id, entries in repo.objects.load_index(name):
                 indexed.setdefault(raw_id.hex(), entries)
                 table.add_pack(raw_id.hex(), iter_entries(entries))
         walker = Walker(repo, table)
@@ -384,8 +357,8 @@ def prune(repo: Repository) -> PruneStats:
 
 def du(repo: Repository, session: str | None) -> DuStats:
     stats = DuStats()
-    with repo._lock(False, "du"):
-        table = repo._index()
+    with repo.objects.lock(False, "du"):
+        table = repo.objects.index()
         walker = Walker(repo, table)
         map_sizes: dict[str, int] = {}  # a map shared by several checkpoints is read once
         for info in repo.checkpoints(session):
@@ -396,7 +369,7 @@ def du(repo: Repository, session: str | None) -> DuStats:
             for _, h in (info.manifest["disk"] or {}).get("maps", []):
                 if h not in map_sizes:
                     what = f"A disk map of checkpoint {info.id[:8]}"
-                    keys = [k for _, k in decode_map(repo._fetch(table, [bytes.fromhex(h)], what)[0], what)]
+                    keys = [k for _, k in decode_map(repo.objects.fetch(table, [bytes.fromhex(h)], what)[0], what)]
                     map_sizes[h] = sum(table.raw[pos] for pos in map(table.find, keys) if pos >= 0)
                 stats.logical_bytes += map_sizes[h]
         for pos, used in enumerate(walker.used):
@@ -408,8 +381,8 @@ def du(repo: Repository, session: str | None) -> DuStats:
 
 
 def packs_for(repo: Repository, infos: Iterable[CheckpointInfo]) -> set[str]:
-    with repo._lock(False, "finding the packs of checkpoints"):
-        table = repo._index()
+    with repo.objects.lock(False, "finding the packs of checkpoints"):
+        table = repo.objects.index()
         walker = Walker(repo, table)
         for info in infos:
             problems = walker.walk(info)
@@ -419,37 +392,14 @@ def packs_for(repo: Repository, infos: Iterable[CheckpointInfo]) -> set[str]:
         return {f"data/{pack[:2]}/{pack}" for pack in (table.packs[n] for n in numbers)}
 
 
-def pack_entries(repo: Repository, name: str) -> list[IndexEntry]:
-    """The blobs a pack's own header lists (CorruptionError if it has no valid one)."""
-    pack = name.rpartition("/")[2]
-    size = repo.backend.stat(name)
-    hlen = int.from_bytes(repo.backend.load(name, max(0, size - 4), 4), "little")
-    entries, _ = decode_pack_header(repo.master, repo.backend.load(name, max(0, size - 4 - hlen), min(size, hlen + 4)),
-                                    pack)
-    return entries
-
-
-def index_unlisted_packs(repo: Repository, table: BlobTable) -> None:
-    """Add to ``table`` (in memory only) the blobs of every pack no index file lists, from the packs' own headers:
-    what a damaged index file listed stays reachable.  A pack without a valid header stays out (check names it)."""
-    listed = table.pack_numbers
-    for name in sorted(repo.backend.list("data/")):
-        pack = name.rpartition("/")[2]
-        if pack not in listed:
-            try:
-                table.add_pack(pack, pack_entries(repo, name))
-            except (CorruptionError, NotFoundError) as e:
-                log.warning("%s", e)
-
-
 def index_packs(repo: Repository, names: Iterable[str]) -> str | None:
-    indexed = repo._index().pack_numbers
+    indexed = repo.objects.index().pack_numbers
     packs = []
     for name in sorted(names):
         pack = name.rpartition("/")[2]
         if pack in indexed:
             continue
-        entries = pack_entries(repo, name)
+        entries = repo.objects.pack_entries(name)
         packs.append((bytes.fromhex(pack), len(entries), iter(entries)))
     if not packs:
         return None

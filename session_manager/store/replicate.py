@@ -138,7 +138,7 @@ def replicate(src: Repository, dst: Backend, *, checkpoints: Collection[str] | N
         raise RepositoryError(f"{dst} holds another checkpoint repository than {src.backend}; "
                               "use another location for this one.")
     target = Repository(dst, src.id, src.master)
-    with src._lock(False, f"copying to {dst}"), target._lock(False, f"copying from {src.backend}"):
+    with src.objects.lock(False, f"copying to {dst}"), target.objects.lock(False, f"copying from {src.backend}"):
         def missing(prefix: str, wanted: Callable[[str], bool] = lambda name: True) -> list[str]:
             have = set(dst.list(prefix))
             return copy.plan({n: size for n, size in src.backend.sizes(prefix).items() if n not in have and wanted(n)})

@@ -39,9 +39,7 @@ import logging
 import os
 import re
 import secrets
-import threading
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -52,53 +50,23 @@ from ..errors import CorruptionError, NotFoundError, RepositoryError
 from . import keys as repo_keys
 from . import maintenance
 from .backend import AlreadyExistsError, Backend, LocalBackend
-from .codec import MasterKey, blob_ad, decode, decode_index, decode_map, decode_segment, encode, iter_entries
-from .index import PENDING, BlobTable
+from .codec import FORMAT_VERSION, MasterKey, decode, decode_map, decode_segment, encode
+from .index import PENDING
 from .keys import KeyInfo
-from .lock import Lock
 from .maintenance import CheckReport, DuStats, PruneStats
-from .writer import FORMAT_VERSION, MemoryStats, Writer
+from .objects import Objects
+from .records import CheckpointInfo, CheckpointMeta
+from .retention import Policy, to_forget
+from .writer import MemoryStats, Writer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckReport", "CheckpointInfo", "DuStats", "KeyInfo", "MemoryStats", "PruneStats", "Repository", "Writer"]
+__all__ = ["CheckReport", "CheckpointInfo", "CheckpointMeta", "DuStats", "KeyInfo", "MemoryStats", "PruneStats",
+           "Repository", "Writer"]
 
 STREAM_CHUNK = 1 << 20  # memory_stream yields about this much at a time
 ENCRYPTION = "chacha20-poly1305"
-READ_GAP = 256 << 10  # blobs this close in a pack are read in one go
-READ_MAX = 8 << 20
 VERIFY_READ = 16 << 20
-LOCK_WAIT = 30.0  # seconds a writer or reader waits for a prune to finish
-
-
-@dataclass
-class CheckpointInfo:
-    id: str
-    session: str
-    parent: str | None
-    created: str  # ISO 8601, UTC
-    meta: dict[str, Any]  # the writer's meta with the latest annotation (note, pinned) merged in
-    added_bytes: int
-    stream_bytes: int
-    disk_size: int | None
-    manifest: dict[str, Any] = field(repr=False)
-
-    @property
-    def note(self) -> str:
-        return str(self.meta.get("note") or "")
-
-    @property
-    def pinned(self) -> bool:
-        return bool(self.meta.get("pinned"))
-
-    @property
-    def created_at(self) -> datetime:
-        return datetime.fromisoformat(self.created)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "session": self.session, "parent": self.parent, "created": self.created,
-                "note": self.note, "pinned": self.pinned, "added_bytes": self.added_bytes,
-                "stream_bytes": self.stream_bytes, "disk_size": self.disk_size, "meta": self.meta}
 
 
 class Repository:
@@ -106,9 +74,7 @@ class Repository:
         self.backend = backend
         self.id = repo_id
         self.master = master
-        self._table = BlobTable()
-        self._index_names: set[str] = set()
-        self._index_lock = threading.Lock()
+        self.objects = Objects(backend, master)  # the store's inside, shared with writer.py and maintenance.py
         self._manifests: dict[str, dict[str, Any]] = {}
         self._annotations: dict[str, dict[str, Any]] = {}
 
@@ -173,113 +139,18 @@ class Repository:
         """Remove a passphrase (by key id or unique prefix); the last one stays."""
         return repo_keys.remove(self.backend, ref)
 
-    def _lock(self, exclusive: bool, purpose: str, wait: float = LOCK_WAIT) -> Lock:
-        return Lock(self.backend, self.master, exclusive, purpose, wait)
-
     def writer(self, session: str, parent: str | None = None, ckpt_id: str | None = None) -> Writer:
         return Writer(self, session, parent, ckpt_id)
 
-    # -- index -----------------------------------------------------------------------------------
-
-    def _index(self, copy: bool = False) -> BlobTable:
-        """The blob index, brought up to date with the index files now in the repository.
-
-        Other threads may add to the returned table; ``copy`` gives one of the caller's own.
-        """
-        with self._index_lock:
-            names = set(self.backend.list("index/"))
-            if not names >= self._index_names:  # prune replaced index files: start over
-                self._table, self._index_names = BlobTable(), set()
-            damaged = False
-            for name in sorted(names - self._index_names):
-                try:
-                    loaded = self._load_index(name)
-                except CorruptionError as e:  # one damaged file costs only a look at the packs' own headers
-                    log.warning("%s; the packs no other index file lists are read from their own headers "
-                                "instead, and `session-manager check` reports it.", str(e).rstrip("."))
-                    damaged = True
-                    loaded = []
-                for pack_id, entries in loaded:
-                    self._table.add_pack(pack_id.hex(), iter_entries(entries))
-                self._index_names.add(name)
-            if damaged:
-                maintenance.index_unlisted_packs(self, self._table)
-            return self._table.copy() if copy else self._table
-
-    def _load_index(self, name: str) -> list[tuple[bytes, memoryview]]:
-        plain = decode(self.master, name.encode(), self.backend.load(name), None, f"The index file {name}")
-        return decode_index(plain, f"The index file {name}")
-
-    def _fetch(self, table: BlobTable, keys: Sequence[bytes], what: str, verify: bool = False) -> list[bytes]:
-        """The plaintexts of blobs, reading neighbours in one go; CorruptionError naming ``what``."""
-        positions = []
-        for key in keys:
-            pos = table.find(key)
-            if pos < 0 or table.pack[pos] == PENDING:
-                raise CorruptionError(f"A blob ({key.hex()[:12]}) of {what} is missing from the repository; "
-                                      "run `session-manager check`.")
-            positions.append(pos)
-        out: list[bytes] = []
-        packs, offset, length = table.pack, table.offset, table.length
-        i = 0
-        while i < len(positions):
-            p = positions[i]
-            pack, start = packs[p], offset[p]
-            stop = start + length[p]
-            j = i + 1
-            while j < len(positions):
-                q = positions[j]
-                near = start <= offset[q] <= stop + READ_GAP and offset[q] + length[q] - start <= READ_MAX
-                if packs[q] != pack or not near:
-                    break
-                stop = max(stop, offset[q] + length[q])
-                j += 1
-            name = f"data/{table.packs[pack][:2]}/{table.packs[pack]}"
-            try:
-                buf = memoryview(self.backend.load(name, start, stop - start))
-            except (NotFoundError, CorruptionError):
-                raise CorruptionError(f"The pack {table.packs[pack][:12]} holding data of {what} is missing or "
-                                      "truncated; run `session-manager check`.") from None
-            for q, key in zip(positions[i:j], keys[i:j]):
-                at = offset[q] - start
-                plain = decode(self.master, blob_ad(key), buf[at:at + length[q]], table.raw[q],
-                               f"A blob of {what} in pack {table.packs[pack][:12]}")
-                if verify and self.master.blob_id(plain) != key:
-                    raise CorruptionError(f"A blob ({table.key(q).hex()[:12]}) of {what} does not match its hash; "
-                                          "run `session-manager check --read-data`.")
-                out.append(plain)
-            i = j
-        return out
-
     # -- checkpoints -----------------------------------------------------------------------------
 
-    def _read_manifest(self, ckpt_id: str) -> dict[str, Any]:
-        try:
-            data = self.backend.load(f"checkpoints/{ckpt_id}")
-        except NotFoundError:
-            raise NotFoundError(f"Checkpoint {ckpt_id} does not exist; list them with "
-                                "`session-manager checkpoints SESSION`.") from None
-        try:
-            m: dict[str, Any] = json.loads(decode(self.master, f"checkpoints/{ckpt_id}".encode(), data, None,
-                                                  f"The manifest of checkpoint {ckpt_id[:8]}"))
-            if m["id"] != ckpt_id:
-                raise ValueError
-        except (ValueError, KeyError, TypeError):
-            raise CorruptionError(f"The manifest of checkpoint {ckpt_id[:8]} is damaged; "
-                                  "run `session-manager check`.") from None
-        return m
-
     def _manifest(self, ckpt_id: str) -> dict[str, Any]:
-        """A manifest, cached without its list of segments (50 KiB for a 1.5 GiB guest): see _segments."""
+        """A manifest, cached without its list of segments (50 KiB for a 1.5 GiB guest): see Objects.segments."""
         m = self._manifests.get(ckpt_id)
         if m is None:
-            m = self._manifests[ckpt_id] = _without_segments(self._read_manifest(ckpt_id))
+            full = self.objects.read_manifest(ckpt_id)
+            m = self._manifests[ckpt_id] = CheckpointInfo.from_manifest(full, {}).manifest
         return m
-
-    def _segments(self, info: CheckpointInfo) -> list[bytes]:
-        """The ids of the checkpoint's memory segments, in stream order."""
-        memory = self._read_manifest(info.id)["memory"]
-        return [bytes.fromhex(h) for h in memory["segments"]] if memory else []
 
     def _latest_annotations(self) -> dict[str, dict[str, Any]]:
         latest: dict[str, tuple[int, str]] = {}
@@ -305,14 +176,6 @@ class Repository:
             out[ckpt_id] = self._annotations[name]
         return out
 
-    def _info(self, m: dict[str, Any], annotation: dict[str, Any]) -> CheckpointInfo:
-        m = _without_segments(m)
-        return CheckpointInfo(
-            id=m["id"], session=m["session"], parent=m["parent"], created=m["created"],
-            meta={**m["meta"], **annotation}, added_bytes=m["added_bytes"],
-            stream_bytes=(m["memory"] or {}).get("stream_bytes", 0),
-            disk_size=(m["disk"] or {}).get("size"), manifest=m)
-
     def checkpoints(self, session: str | None = None) -> list[CheckpointInfo]:
         """All checkpoints (of ``session``), oldest first, with their annotations."""
         annotations = self._latest_annotations()
@@ -327,7 +190,7 @@ class Repository:
                 log.warning("%s", e)
                 continue
             if session is None or m["session"] == session:
-                infos.append(self._info(m, annotations.get(ckpt_id, {})))
+                infos.append(CheckpointInfo.from_manifest(m, annotations.get(ckpt_id, {})))
         infos.sort(key=lambda c: (c.created_at, c.id))
         return infos
 
@@ -341,7 +204,7 @@ class Repository:
         if len(matches) > 1:
             raise NotFoundError(f"Checkpoint {ref} is ambiguous ({len(matches)} checkpoints start with it); "
                                 "give more of its id.")
-        return self._info(self._manifest(matches[0]), self._latest_annotations().get(matches[0], {}))
+        return CheckpointInfo.from_manifest(self._manifest(matches[0]), self._latest_annotations().get(matches[0], {}))
 
     def _resolve(self, ckpt: CheckpointInfo | str) -> CheckpointInfo:
         return ckpt if isinstance(ckpt, CheckpointInfo) else self.get(ckpt)
@@ -383,8 +246,8 @@ class Repository:
         info = self._resolve(ckpt)
         what = f"checkpoint {info.id[:8]}"
         m = info.manifest
-        with self._lock(False, f"verifying {what}"):
-            table = self._index()
+        with self.objects.lock(False, f"verifying {what}"):
+            table = self.objects.index()
             packs: set[int] = set()
 
             def need(keys: Sequence[bytes]) -> None:
@@ -395,13 +258,13 @@ class Repository:
                                               "run `session-manager check`.")
                     packs.add(table.pack[pos])
 
-            segments = self._segments(info)
+            segments = self.objects.segments(info.id)
             need(segments)
             for start in range(0, len(segments), 64):
-                for plain in self._fetch(table, segments[start:start + 64], what, verify=True):
+                for plain in self.objects.fetch(table, segments[start:start + 64], what, verify=True):
                     need(decode_segment(plain, f"A memory segment of {what}")[2])
             for _, h in (m["disk"] or {}).get("maps", []):
-                plain = self._fetch(table, [bytes.fromhex(h)], what, verify=True)[0]
+                plain = self.objects.fetch(table, [bytes.fromhex(h)], what, verify=True)[0]
                 need([bytes.fromhex(h)] + [k for _, k in decode_map(plain, f"A disk map of {what}")])
             if m["thumbnail"]:
                 need([bytes.fromhex(m["thumbnail"])])
@@ -428,17 +291,17 @@ class Repository:
         what = f"checkpoint {info.id[:8]}"
         if not info.manifest["memory"]:
             raise NotFoundError(f"Checkpoint {info.id[:8]} has no memory state; restore another checkpoint.")
-        segments = self._segments(info)
-        with self._lock(False, f"reading {what}"):
-            table = self._index()
+        segments = self.objects.segments(info.id)
+        with self.objects.lock(False, f"reading {what}"):
+            table = self.objects.index()
             out: list[bytes | memoryview] = []
             size = 0
             for start in range(0, len(segments), 16):
-                for plain in self._fetch(table, segments[start:start + 16], what):
+                for plain in self.objects.fetch(table, segments[start:start + 16], what):
                     data, offsets, page_ids = decode_segment(plain, f"A memory segment of {what}")
                     view = memoryview(data)
                     at = 0
-                    for offset, page in zip(offsets, self._fetch(table, page_ids, what)):
+                    for offset, page in zip(offsets, self.objects.fetch(table, page_ids, what)):
                         if offset > at:
                             out.append(view[at:offset])
                             at = offset
@@ -463,20 +326,21 @@ class Repository:
         disk = info.manifest["disk"]
         if not disk:
             return
-        with self._lock(False, f"reading {what}"):
-            table = self._index()
+        with self.objects.lock(False, f"reading {what}"):
+            table = self.objects.index()
             for r, h in disk["maps"]:
-                entries = decode_map(self._fetch(table, [bytes.fromhex(h)], what)[0], f"A disk map of {what}")
+                entries = decode_map(self.objects.fetch(table, [bytes.fromhex(h)], what)[0], f"A disk map of {what}")
                 for start in range(0, len(entries), 64):
                     batch = entries[start:start + 64]
-                    for (i, _), data in zip(batch, self._fetch(table, [k for _, k in batch], what)):
+                    for (i, _), data in zip(batch, self.objects.fetch(table, [k for _, k in batch], what)):
                         yield r * disk["range_chunks"] + i, data
 
     def thumbnail(self, ckpt: CheckpointInfo | str) -> bytes | None:
         info = self._resolve(ckpt)
         if not info.manifest["thumbnail"]:
             return None
-        return self._fetch(self._index(), [bytes.fromhex(info.manifest["thumbnail"])], f"checkpoint {info.id[:8]}")[0]
+        key = bytes.fromhex(info.manifest["thumbnail"])
+        return self.objects.fetch(self.objects.index(), [key], f"checkpoint {info.id[:8]}")[0]
 
     # -- maintenance -------------------------------------------------------------------------------
 
@@ -488,16 +352,13 @@ class Repository:
                keep_daily: int | None = None, keep_weekly: int | None = None, keep_monthly: int | None = None,
                keep_within: timedelta | None = None, keep_manual: bool = True,
                keep_ids: Sequence[str] = (), kinds: Collection[str] | None = None) -> list[CheckpointInfo]:
-        """Delete the manifests of ``session``'s checkpoints that no rule keeps; returns those.
-
-        Rules as in restic: the newest ``keep_last``; the newest checkpoint of each of the last
-        ``keep_hourly`` hours (days, ISO weeks, months; local time) that have one; those within
-        ``keep_within`` of the newest.  Pinned checkpoints always stay, manual ones (meta kind
-        "manual") while ``keep_manual``, and those in ``keep_ids``.  With ``kinds``, the rules see
-        only checkpoints of those kinds (meta "kind") and every other checkpoint stays.
-        """
-        rules = {"%Y-%m-%d %H": keep_hourly, "%Y-%m-%d": keep_daily, "%G-W%V": keep_weekly, "%Y-%m": keep_monthly}
-        return maintenance.forget(self, session, keep_last, rules, keep_within, keep_manual, keep_ids, kinds)
+        """Delete the manifests of ``session``'s checkpoints that no rule keeps (retention.py); returns those."""
+        policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_within, keep_manual,
+                        keep_ids, kinds)
+        removed = to_forget(self.checkpoints(session), policy)
+        for c in removed:
+            self.delete_checkpoint(c)
+        return removed
 
     def prune(self) -> PruneStats:
         """Remove what no checkpoint uses, repacking packs that are mostly garbage (order: module doc)."""
@@ -518,9 +379,3 @@ class Repository:
         headers; returns the new index file's name, if one was needed."""
         return maintenance.index_packs(self, names)
 
-
-def _without_segments(m: dict[str, Any]) -> dict[str, Any]:
-    if m["memory"] and "segments" in m["memory"]:
-        memory = {k: v for k, v in m["memory"].items() if k != "segments"}
-        m = {**m, "memory": {**memory, "segment_count": len(m["memory"]["segments"])}}
-    return m

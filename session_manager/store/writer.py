@@ -19,6 +19,7 @@ import blake3
 from ..errors import RepositoryError
 from .backend import Backend, NewObject
 from .codec import (
+    FORMAT_VERSION,
     BlobType,
     IndexEntry,
     MasterKey,
@@ -31,11 +32,11 @@ from .codec import (
     encode_segment,
 )
 from .index import BlobTable
+from .records import CheckpointInfo, CheckpointMeta
 
 if TYPE_CHECKING:
-    from .repo import CheckpointInfo, Repository
+    from .repo import Repository
 
-FORMAT_VERSION = 2  # 2: encrypted
 PACK_SIZE = 16 << 20
 BLOCK_SIZE = 1 << 20  # packs are written in blocks of about this size
 CHUNK_SIZE = 64 << 10  # disk chunk
@@ -206,9 +207,9 @@ class Writer:
         self._claim_lock = threading.Lock()
 
     def __enter__(self) -> Writer:
-        self._lock = self.repo._lock(False, f"a checkpoint of session {self.session!r}")
+        self._lock = self.repo.objects.lock(False, f"a checkpoint of session {self.session!r}")
         try:
-            self._table = self.repo._index(copy=True)
+            self._table = self.repo.objects.index(copy=True)
             self._packer = Packer(self.repo.backend, self.repo.master, self._table)
             self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="blob-hasher")
         except BaseException:
@@ -344,7 +345,8 @@ class Writer:
             entries: dict[int, bytes | None] = {}
             if r in maps:
                 what = f"A disk map of checkpoint {base}"
-                entries.update(decode_map(self.repo._fetch(self._table, [bytes.fromhex(maps[r])], what)[0], what))
+                plain = self.repo.objects.fetch(self._table, [bytes.fromhex(maps[r])], what)[0]
+                entries.update(decode_map(plain, what))
             entries.update(changes.get(r, {}))
             kept = sorted((i, k) for i, k in entries.items() if k is not None and r * MAP_RANGE + i < nchunks)
             if kept:
@@ -368,7 +370,7 @@ class Writer:
         key, _ = self._put(png, BlobType.THUMBNAIL)
         self._thumbnail = key.hex()
 
-    def commit(self, meta: dict[str, Any], created: datetime | None = None) -> CheckpointInfo:
+    def commit(self, meta: CheckpointMeta, created: datetime | None = None) -> CheckpointInfo:
         """Write the remaining packs, then the index, then the manifest: the checkpoint exists.
 
         ``created`` (default: now) is for imports and tests.
@@ -388,7 +390,7 @@ class Writer:
             "session": self.session,
             "parent": self.parent,
             "created": (created or datetime.now(UTC)).astimezone(UTC).isoformat(),
-            "meta": meta,
+            "meta": meta.to_json(),
             "memory": self._memory,
             "disk": self._disk,
             "thumbnail": self._thumbnail,
@@ -396,4 +398,4 @@ class Writer:
         }
         name = f"checkpoints/{self.id}"
         self.repo.backend.save(name, encode(self.repo.master, name.encode(), json.dumps(manifest).encode()))
-        return self.repo._info(manifest, {})
+        return CheckpointInfo.from_manifest(manifest, {})

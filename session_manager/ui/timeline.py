@@ -104,7 +104,7 @@ class _Node:
 
     @property
     def style(self) -> _Card:
-        return SMALL if self.info is not None and self.info.meta.get("kind") == "autosave" else BIG
+        return SMALL if self.info is not None and self.info.meta.kind == "autosave" else BIG
 
 
 def checkpoint_mime(ckpt_id: str) -> QMimeData:
@@ -175,8 +175,10 @@ class TimelineView(QWidget):
     exportRequested = Signal(str)  # id: write it out for a stock QEMU
     checkpointRequested = Signal()
 
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, cannot_delete: Callable[[CheckpointInfo], str | None], parent: QWidget | None = None) -> None:
+        """``cannot_delete``: the engine's rule (SessionService.cannot_delete), asked before the confirmation."""
         super().__init__(parent)
+        self.cannot_delete = cannot_delete
         self.checkpoint_button = QPushButton("Checkpoint now")
         self.checkpoint_button.setToolTip("Take a checkpoint of the running session (Ctrl+Alt+S)")
         self.checkpoint_button.clicked.connect(lambda: self.checkpointRequested.emit())
@@ -249,12 +251,9 @@ class TimelineView(QWidget):
     def delete(self, ckpt_id: str) -> None:
         info = self._info(ckpt_id)
         title = f"Delete checkpoint from {when(info)}" + (f" ('{info.note}')" if info.note else "")
-        if info.pinned:
-            inform(self, "Checkpoint is pinned", f"The checkpoint from {when(info)} is pinned, so it cannot be "
-                   "deleted; unpin it first.")
-        elif ckpt_id == self.canvas.head:
-            inform(self, "Checkpoint is in use", f"The running session continues from the checkpoint from "
-                   f"{when(info)}, so it cannot be deleted.")
+        refused = self.cannot_delete(info)
+        if refused:
+            inform(self, "Checkpoint cannot be deleted", refused)
         elif confirm(self, "Delete checkpoint?", f"{title}? Its memory and disk state can no longer be restored; "
                      "space is freed at the next prune.", "Delete"):
             self.deleteRequested.emit(ckpt_id)
@@ -287,10 +286,10 @@ class _Preview(QFrame):
         if pix is not None:
             self.image.setPixmap(pix)
         m = info.meta
-        facts = [KIND_NAMES.get(str(m.get("kind")), "Checkpoint")] + ["pinned"] * info.pinned
+        facts = [KIND_NAMES.get(str(m.kind), "Checkpoint")] + ["pinned"] * info.pinned
         facts += ["the running session continues from here"] * head
-        stats = [] if m.get("pause_ms") is None else [
-            f"paused {pause_text(float(m['pause_ms']))} ({'live' if m.get('live') else 'stop-and-copy'})"]
+        stats = [] if m.pause_ms is None else [
+            f"paused {pause_text(m.pause_ms)} ({'live' if m.live else 'stop-and-copy'})"]
         stats += [f"{size_text(info.added_bytes)} added", f"{size_text(info.stream_bytes)} memory stream"]
         stats += [] if info.disk_size is None else [f"{size_text(info.disk_size)} disk"]
         created = info.created_at.astimezone()
@@ -300,8 +299,9 @@ class _Preview(QFrame):
         self.text.setText("<br>".join(lines))
         self.adjustSize()
         screen = (QApplication.screenAt(pointer) or QApplication.primaryScreen()).availableGeometry()
-        x = pointer.x() + 16 if pointer.x() + 16 + self.width() <= screen.right() else pointer.x() - 16 - self.width()
-        y = pointer.y() + 20 if pointer.y() + 20 + self.height() <= screen.bottom() else pointer.y() - 12 - self.height()
+        px, py, w, h = pointer.x(), pointer.y(), self.width(), self.height()
+        x = px + 16 if px + 16 + w <= screen.right() else px - 16 - w
+        y = py + 20 if py + 20 + h <= screen.bottom() else py - 12 - h
         self.move(max(x, screen.left()), max(y, screen.top()))
         self.show()
 
@@ -371,7 +371,7 @@ class _Canvas(QAbstractScrollArea):
         def rank(key: str) -> tuple[bool, bool, float]:
             info = self.nodes[key].info
             assert info is not None
-            return key != self.head, info.meta.get("kind") == "autosave" and not info.pinned, self.nodes[key].t
+            return key != self.head, info.meta.kind == "autosave" and not info.pinned, self.nodes[key].t
 
         for key in sorted(self.order, key=rank):
             node = self.nodes[key]
@@ -558,7 +558,7 @@ class _Canvas(QAbstractScrollArea):
             p.setPen(QPen(NOW_COLOR, 2))
             p.setBrush(Qt.BrushStyle.NoBrush)
             p.drawEllipse(dot, r + 3, r + 3)
-        hollow = node.info.meta.get("kind") in KIND_BADGES
+        hollow = node.info.meta.kind in KIND_BADGES
         p.setPen(QPen(color, 2))
         p.setBrush(self.palette().base() if hollow else QBrush(color))
         p.drawEllipse(dot, r, r)
@@ -591,7 +591,7 @@ class _Canvas(QAbstractScrollArea):
         small = QFont(self.font())
         small.setPointSizeF(small.pointSizeF() * 0.82)
         p.setFont(small)
-        badge = KIND_BADGES.get(str(info.meta.get("kind")))
+        badge = KIND_BADGES.get(str(info.meta.kind))
         if badge:
             w = QFontMetrics(small).horizontalAdvance(badge) + 8
             p.setPen(Qt.PenStyle.NoPen)
@@ -616,12 +616,12 @@ class _Canvas(QAbstractScrollArea):
         p.drawText(line, left, f"{info.created_at.astimezone():%H:%M}")
         p.setFont(small)
         line.translate(0, 15)
-        pause = pause_text(float(info.meta["pause_ms"])) if info.meta.get("pause_ms") is not None else ""
-        p.setPen(QColor("#d97706") if info.meta.get("live") is False else dim)
+        pause = pause_text(info.meta.pause_ms) if info.meta.pause_ms is not None else ""
+        p.setPen(QColor("#d97706") if info.meta.live is False else dim)
         p.drawText(line, right, pause)
         p.setPen(pal.text().color() if info.note else dim)
         room = round(line.width() - QFontMetrics(small).horizontalAdvance(pause) - 6)
-        note = info.note or KIND_NAMES.get(str(info.meta.get("kind")), "")
+        note = info.note or KIND_NAMES.get(str(info.meta.kind), "")
         p.drawText(line, left, QFontMetrics(small).elidedText(note, Qt.TextElideMode.ElideRight, room))
         p.restore()
 
@@ -666,8 +666,12 @@ class _Canvas(QAbstractScrollArea):
         for ts in times:
             at = datetime.fromtimestamp(ts)
             major = step < 86400 and at.hour == 0 and at.minute == 0
-            label = f"{at:%H:%M:%S}" if step < 60 else f"{at:%H:%M}" if step < 86400 and not major else f"{at:%a} {at.day} {at:%b}" \
-                if step < 7 * 86400 else f"{at.day} {at:%b}"
+            if step < 60:
+                label = f"{at:%H:%M:%S}"
+            elif step < 86400 and not major:
+                label = f"{at:%H:%M}"
+            else:
+                label = f"{at:%a} {at.day} {at:%b}" if step < 7 * 86400 else f"{at.day} {at:%b}"
             out.append((self._vx(self._x_of(ts)), label, major))
         return step, out
 

@@ -28,7 +28,7 @@ def icon_name(service: SessionService) -> str:
 
 
 def checkpoint_label(info: CheckpointInfo) -> str:
-    kind = info.meta.get("kind", "manual")
+    kind = info.meta.kind or "manual"
     extra = {"autosave": " · autosave", "stop": " · saved on stop", "pre-restore": " · before a restore"}.get(kind, "")
     return f"{when(info)}{' — ' + info.note if info.note else ''}{extra}"
 
@@ -94,7 +94,7 @@ class Tray(QObject):
         rollback.setToolTipsVisible(True)
         for info in s.latest(ROLLBACK_ITEMS):
             action = rollback.addAction(checkpoint_label(info), partial(self.restoreRequested.emit, info.id))
-            action.setToolTip(f"paused {pause_text(info.meta.get('pause_ms', 0))}, {size_text(info.added_bytes)} stored")
+            action.setToolTip(f"paused {pause_text(info.meta.pause_ms or 0)}, {size_text(info.added_bytes)} stored")
         rollback.setEnabled(bool(s.checkpoints) and idle)
         menu.addAction("Timeline…", self.timelineRequested.emit)
         menu.addSeparator()
@@ -138,7 +138,7 @@ class Tray(QObject):
         self.refresh()
         if self.notifications:
             self.icon.showMessage("Checkpoint taken",
-                                  f"{self.service.name} paused {pause_text(info.meta.get('pause_ms', 0))}; "
+                                  f"{self.service.name} paused {pause_text(info.meta.pause_ms or 0)}; "
                                   f"{size_text(info.added_bytes)} stored.",
                                   QSystemTrayIcon.MessageIcon.Information, 4000)
 

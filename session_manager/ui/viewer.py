@@ -247,8 +247,8 @@ class VncViewer(QWidget):
                 failing_since = failing_since or now
                 log.debug("display %s not reachable: %s", target, e)
                 if peer is not None:
-                    self._set_status(str(e) if isinstance(e, SessionManagerError) else
-                                     f"{peer} did not show the session's screen ({str(e) or 'no answer'}); trying again.")
+                    self._set_status(str(e) if isinstance(e, SessionManagerError) else f"{peer} did not show the "
+                                     f"session's screen ({str(e) or 'no answer'}); trying again.")
                 elif not Path(target).exists() or now - failing_since > self.GIVE_UP_HOPE:
                     self._set_status(NOT_RUNNING)
                 await asyncio.sleep(self.PEER_RETRY_INTERVAL if peer else self.RETRY_INTERVAL)

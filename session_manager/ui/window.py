@@ -209,7 +209,7 @@ class SessionWindow(QMainWindow):
     def _checkpoint_taken(self, info: CheckpointInfo) -> None:
         self.flash()
         self.statusBar().showMessage(
-            f"Checkpoint taken at {when(info)}: the session paused {pause_text(info.meta.get('pause_ms', 0))}, "
+            f"Checkpoint taken at {when(info)}: the session paused {pause_text(info.meta.pause_ms or 0)}, "
             f"{size_text(info.added_bytes)} stored", 15000)
 
     def _shut_down(self) -> None:
@@ -251,7 +251,7 @@ class TimelineWindow(QMainWindow):
         self.service = service
         self.setWindowTitle(f"Timeline of {service.name} — Session Manager")
         self.resize(1100, 520)
-        self.view = TimelineView()
+        self.view = TimelineView(service.cannot_delete)
         self.view.set_thumbnail_loader(service.thumbnail)
         self.setCentralWidget(self.view)
         self.view.restoreRequested.connect(self.restoreRequested)
