@@ -73,6 +73,9 @@ if [ "$mode" = test ]; then
     # Everything on the system's QEMU, then the tests that run QEMU again on a current one: on Debian 12, whose
     # QEMU is 7.2, the 10.0 of its backports, unpacked beside the project (packaging/newer-qemu.sh).
     status=0
+    echo "Linters: ruff (the rules in pyproject.toml) and mypy (strict for vm/, store/ and the leaf modules)"
+    .venv/bin/ruff check . || status=$?
+    .venv/bin/mypy || status=$?
     .venv/bin/python -m pytest -ra tests || status=$?
     system=$(qemu-system-x86_64 --version | sed -n 's/.*version \([0-9]*\)\..*/\1/p;q')
     if [ "$system" -lt 8 ]; then
