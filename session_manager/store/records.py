@@ -65,6 +65,7 @@ class CheckpointInfo:
     def from_manifest(cls, m: dict[str, Any], annotation: dict[str, Any]) -> CheckpointInfo:
         """From a manifest whose list of segments may have been left out; ValueError, KeyError or TypeError if it
         is malformed."""
+        datetime.fromisoformat(m["created"])  # a time that does not parse makes the manifest damaged, not the listing
         if m["memory"] and "segments" in m["memory"]:
             memory = {k: v for k, v in m["memory"].items() if k != "segments"}
             m = {**m, "memory": {**memory, "segment_count": len(m["memory"]["segments"])}}

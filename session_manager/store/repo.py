@@ -215,7 +215,8 @@ class Repository:
         info = self._resolve(ckpt)
         prefix = f"annotations/{info.id}-"
         numbers = [int(n.removeprefix(prefix)) for n in self.backend.list(prefix) if n.removeprefix(prefix).isdigit()]
-        current = self._latest_annotations().get(info.id, {})
+        # A damaged annotation's stand-in (pinned, damaged_annotation) ends here: the new one says what the user chose.
+        current = {k: v for k, v in self._latest_annotations().get(info.id, {}).items() if k != "damaged_annotation"}
         update = {k: v for k, v in (("note", note), ("pinned", pinned)) if v is not None}
         plain = json.dumps({**current, **update}).encode()
         n = max(numbers, default=0) + 1
