@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from session_manager.local.engine import Engine
 from session_manager.store import writer
-from session_manager.store.codec import FORMAT_VERSION
+from session_manager.store.codec import FORMAT_VERSION, encode
 from session_manager.store.records import CheckpointMeta
 from session_manager.store.repo import Repository
 from session_manager.vm.stream import iter_segments
@@ -276,6 +276,24 @@ def test_check_finds_it_clean_and_du_sees_the_deduplication(golden: Path) -> Non
     assert {k: getattr(du, k) for k in EXPECTED["du"]} == EXPECTED["du"]
     assert du.logical_bytes > 1.4 * du.unique_bytes  # the checkpoints share most of their blobs
     assert files(golden) == EXPECTED["files"]  # reading changed nothing (its locks came and went)
+
+
+@pytest.mark.parametrize("change", [{"version": FORMAT_VERSION + 1}, {"disk": {"chunk_size": 32 << 10}},
+                                    {"created": "yesterday"}, {"meta": {"pause_ms": "fast"}}])
+def test_a_manifest_outside_the_format_is_damaged_alone(golden: Path, change: dict[str, Any]) -> None:
+    """A manifest of another format version, disk chunking, an unreadable time or a malformed meta record (written
+    with the repository's key, so it authenticates) hides only itself: the others list, and check names it."""
+    repo = open_repo(golden)
+    name = f"checkpoints/{A}"
+    manifest = repo.objects.read_manifest(A)
+    for key, value in change.items():
+        manifest[key] = {**manifest[key], **value} if isinstance(value, dict) else value
+    (golden / name).chmod(0o600)
+    (golden / name).write_bytes(encode(repo.master, name.encode(), json.dumps(manifest).encode()))
+    fresh = open_repo(golden)
+    assert [c.id for c in fresh.checkpoints()] == [B, C]
+    report = fresh.check()
+    assert report.damaged == [A] and f"checkpoint {A[:8]} is damaged" in report.summary()
 
 
 # -- the format ----------------------------------------------------------------------------------------------------

@@ -16,10 +16,20 @@ from typing import Any
 
 from ..errors import CorruptionError, NotFoundError
 from .backend import Backend
-from .codec import IndexEntry, MasterKey, blob_ad, decode, decode_index, decode_pack_header, iter_entries
+from .codec import (
+    FORMAT_VERSION,
+    IndexEntry,
+    MasterKey,
+    blob_ad,
+    decode,
+    decode_index,
+    decode_pack_header,
+    iter_entries,
+)
 from .index import PENDING, BlobTable
 from .lock import Lock
 from .records import CheckpointInfo
+from .writer import CHUNK_SIZE, MAP_RANGE
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +132,10 @@ class Objects:
         try:
             m: dict[str, Any] = json.loads(decode(self.master, f"checkpoints/{ckpt_id}".encode(), data, None,
                                                   f"The manifest of checkpoint {ckpt_id[:8]}"))
-            if m["id"] != ckpt_id:
+            # The config's version governs the repository, so a manifest of another version, or a disk cut into chunks
+            # of another size, is not something a newer writer could have left: it is damage.
+            if m["id"] != ckpt_id or m["version"] != FORMAT_VERSION \
+                    or (m["disk"] and (m["disk"]["chunk_size"], m["disk"]["range_chunks"]) != (CHUNK_SIZE, MAP_RANGE)):
                 raise ValueError
             CheckpointInfo.from_manifest(m, {})
         except (ValueError, KeyError, TypeError, AttributeError):
