@@ -10,11 +10,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Serial, Sm
+from helpers import ROOT
+from helpers.aio import until
+from helpers.cli import Sm
+from helpers.net import paired_homes
+from helpers.qemu import Serial
 from PySide6.QtCore import QMimeData, QPointF, Qt
 from PySide6.QtGui import QDropEvent
 from PySide6.QtWidgets import QPushButton
@@ -27,14 +30,6 @@ from session_manager.services.session_service import State
 from session_manager.ui.firstrun import FirstRunDialog, NewSessionDialog, ResumeDialog
 from session_manager.ui.timeline import MIME_CHECKPOINT
 from session_manager.ui.tray import Tray
-
-
-async def until(condition: Callable[[], object], timeout: float = 120, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout} s")
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.qemu
@@ -54,21 +49,22 @@ def test_shortcut_checkpoints_and_dropping_it_rolls_back(sm: Sm, guest: tuple[Pa
     assert service.state == State.RUNNING
 
     async def scenario() -> None:
-        await until(lambda: window.viewer.is_connected(), 30, "the viewer connecting")
+        await until(lambda: window.viewer.is_connected(), "the viewer connecting", 30)
         with qtbot.waitSignal(service.checkpointTaken, timeout=120_000) as taken:
-            qtbot.keyClick(window.viewer, Qt.Key.Key_S, Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.AltModifier)
-            await until(lambda: taken.signal_triggered, 120, "the checkpoint")
+            qtbot.keyClick(window.viewer, Qt.Key.Key_S,
+                           Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.AltModifier)
+            await until(lambda: taken.signal_triggered, "the checkpoint", 120)
         ckpt = taken.args[0]
         at = serial.counters()[-1]
         assert "Checkpoint taken" in window.statusBar().currentMessage()
-        await until(lambda: not service.busy, 30, "the checkpoint finishing")
+        await until(lambda: not service.busy, "the checkpoint finishing", 30)
         assert [c.id for c in service.checkpoints] == [ckpt.id]
         assert service.head == ckpt.id
 
         # A checkpoint taken by another process (the CLI here) appears by itself (the repository is watched).
         await asyncio.to_thread(sm, "checkpoint", "desk", "-m", "from the command line")
-        await until(lambda: any(c.note == "from the command line" for c in service.checkpoints), 10,
-                    "the CLI's checkpoint in the app")
+        await until(lambda: any(c.note == "from the command line" for c in service.checkpoints),
+                    "the CLI's checkpoint in the app", 10)
         canvas = app.timeline.view.canvas
         assert "from the command line" in [canvas.nodes[k].info.note for k in canvas.order]
 
@@ -78,7 +74,7 @@ def test_shortcut_checkpoints_and_dropping_it_rolls_back(sm: Sm, guest: tuple[Pa
         rollback = next(a for a in tray.menu.actions() if a.text() == "Roll back to").menu()
         assert len(rollback.actions()) == 2 and rollback.isEnabled()
 
-        await until(lambda: serial.counters()[-1] >= at + 5, 60, "the guest counting on")
+        await until(lambda: serial.counters()[-1] >= at + 5, "the guest counting on", 60)
         before = serial.counters()[-1]
         mime = QMimeData()
         mime.setData(MIME_CHECKPOINT, ckpt.id.encode())
@@ -86,32 +82,32 @@ def test_shortcut_checkpoints_and_dropping_it_rolls_back(sm: Sm, guest: tuple[Pa
                           Qt.KeyboardModifier.NoModifier)
         with qtbot.waitSignal(service.restored, timeout=120_000) as restored:
             window.dropEvent(drop)
-            await until(lambda: restored.signal_triggered, 120, "the restore")
+            await until(lambda: restored.signal_triggered, "the restore", 120)
         assert "checkpointed first" in confirmations[-1]
         start = serial.last_start()
-        await until(lambda: len(serial.counters(start)) >= 2, 60, "the guest counting after the restore")
+        await until(lambda: len(serial.counters(start)) >= 2, "the guest counting after the restore", 60)
         after = serial.counters(start)[0]
         assert ckpt.meta["kind"] == "manual"
         assert after <= at + 2 < before, (at, before, after)
-        await until(lambda: not service.busy, 30, "the restore finishing")
+        await until(lambda: not service.busy, "the restore finishing", 30)
         kinds = sorted(c.meta["kind"] for c in service.checkpoints)
         assert kinds == ["manual", "manual", "pre-restore"]  # the replaced state was kept
         assert service.head == ckpt.id
-        await until(lambda: window.viewer.is_connected(), 30, "the viewer reconnecting after the restore")
+        await until(lambda: window.viewer.is_connected(), "the viewer reconnecting after the restore", 30)
 
         # Export shows progress and can be cancelled without leaving files behind.
         progress: list[str] = []
         service.progressChanged.connect(lambda what, _: progress.append(what))
         with qtbot.waitSignal(service.info, timeout=120_000) as exported:
             service.export(ckpt.id, tmp_path / "out")
-            await until(lambda: exported.signal_triggered, 120, "the export")
+            await until(lambda: exported.signal_triggered, "the export", 120)
         assert "Exporting memory" in progress and "stock QEMU resumes it with" in exported.args[0]
         assert len(list((tmp_path / "out").iterdir())) == 2
         with qtbot.waitSignal(service.failed, timeout=60_000) as cancelled:
             service.export(ckpt.id, tmp_path / "cancelled")
             assert service.can_cancel
             service.cancel()
-            await until(lambda: cancelled.signal_triggered, 60, "the cancel")
+            await until(lambda: cancelled.signal_triggered, "the cancel", 60)
         assert cancelled.args[0] == "Export cancelled; no files were left behind."
         assert not list((tmp_path / "cancelled").glob("*"))
 
@@ -223,20 +219,20 @@ def test_a_killed_session_is_noticed_and_restored_from_its_latest_checkpoint(
     window.show()
 
     async def scenario() -> None:
-        await until(lambda: serial.counters()[-1] >= at + 3, 60, "the guest counting on")
+        await until(lambda: serial.counters()[-1] >= at + 3, "the guest counting on", 60)
         with qtbot.waitSignal(service.crashed, timeout=10_000) as crashed:
             killed = time.monotonic()
             os.kill(sm("status", "fragile", "--json").json()["pid"], signal.SIGKILL)
-            await until(lambda: crashed.signal_triggered, 10, "the crash being noticed")
+            await until(lambda: crashed.signal_triggered, "the crash being noticed", 10)
         assert time.monotonic() - killed < 3  # the promise is 2 s; a loaded test machine gets a little more
         assert "QEMU was killed" in crashed.args[0]
         assert window.pages.currentWidget() is window.stopped_page
         assert "stopped unexpectedly" in window.stopped_text.text()
         assert window.start_button.text() == "Restore the latest checkpoint"
         window.start_button.click()
-        await until(lambda: service.state == State.RUNNING and not service.busy, 120, "the recovery")
+        await until(lambda: service.state == State.RUNNING and not service.busy, "the recovery", 120)
         start = serial.last_start()
-        await until(lambda: serial.counters(start), 60, "the guest counting after the recovery")
+        await until(lambda: serial.counters(start), "the guest counting after the recovery", 60)
         assert ckpt["id"] in serial.text()[start:start + 200]  # the marker names the restored checkpoint
         assert serial.counters(start)[0] <= at + 1
         assert service.crash is None and window.pages.currentWidget() is window.viewer
@@ -291,8 +287,6 @@ def test_first_run_resumes_a_session_from_a_server(sm: Sm, guest: tuple[Path, Pa
 def test_the_open_app_takes_a_session_sent_to_it(tmp_path: Path, guest: tuple[Path, Path], aloop,
                                                  qtbot) -> None:
     """With the app open (and no `serve`), a paired machine's `send` arrives, as it does at `serve`."""
-    from test_peers import paired_homes
-
     with paired_homes(tmp_path) as (a, b, port_b):
         b.new_guest("mine", guest)
         a.new_guest("visitor", guest)
@@ -303,7 +297,7 @@ def test_the_open_app_takes_a_session_sent_to_it(tmp_path: Path, guest: tuple[Pa
 
         async def scenario() -> None:
             await until(lambda: (b.home / "state" / "session-manager.log").exists() and app._agent_server is not None
-                        and app._agent_server.done(), 30, "the app's agent listening")
+                        and app._agent_server.done(), "the app's agent listening", 30)
             proc = await asyncio.create_subprocess_exec(*a.argv("send", "visitor", "b", "--json"), env=a.env, cwd=ROOT,
                                                         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             out, err = await proc.communicate()

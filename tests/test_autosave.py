@@ -16,8 +16,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import Serial, Sm
-from test_testguest import Qmp
+from helpers.cli import Sm, log_text, wait_log
+from helpers.qemu import Serial, SessionQmp
 
 from session_manager.errors import QemuError, UsageError
 from session_manager.local.autosave import KIND, AutosavePolicy, Autosaver, duration
@@ -122,7 +122,8 @@ class FakeEngine:
         return SimpleNamespace(summary=lambda: "pruned")
 
 
-def autosaver(engine: FakeEngine, policy: AutosavePolicy = AutosavePolicy(), **kw: Any) -> Autosaver:
+def autosaver(engine: FakeEngine, policy: AutosavePolicy | None = None, **kw: Any) -> Autosaver:
+    policy = AutosavePolicy() if policy is None else policy
     return Autosaver(engine, policy, clock=lambda: engine.clock[0], **kw)  # type: ignore[arg-type]
 
 
@@ -241,21 +242,6 @@ def test_the_daemon_runs_background_work_until_sigterm(tmp_path: Path, capsys: p
 # -- the daemon and recovery with the real guest ------------------------------------------------------------------
 
 
-def log_text(sm: Sm) -> str:
-    path = sm.home / "state" / "session-manager.log"
-    return path.read_text() if path.exists() else ""
-
-
-def wait_log(sm: Sm, pattern: str, count: int = 1, timeout: float = 120) -> list[re.Match[str]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = list(re.finditer(pattern, log_text(sm)))
-        if len(found) >= count:
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"{pattern!r} appeared fewer than {count} times in the log:\n{log_text(sm)[-3000:]}")
-
-
 def stop_daemon(proc: subprocess.Popen[str]) -> str:
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -364,7 +350,7 @@ def test_a_guest_that_switches_itself_off_is_stopped_not_crashed(sm: Sm, guest: 
     sm("checkpoint", "off")
     daemon = sm.popen_until("Daemon watching", "daemon", "--interval", "1h")
     try:
-        Qmp(sm, "off").type_upper("o")
+        SessionQmp(sm, "off").type_upper("o")
         serial.wait_for(r"^power off")
         deadline = time.monotonic() + 30
         while sm("status", "off", "--json").json()["pid"] is not None:

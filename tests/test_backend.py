@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import S3Server
+from helpers.net import free_port
+from helpers.s3server import S3Server
 
 from session_manager.errors import CorruptionError, NotFoundError, RepositoryError, UsageError
 from session_manager.store.backend import AlreadyExistsError, Backend, LocalBackend
@@ -116,13 +117,9 @@ def test_sizes(backend: Backend) -> None:
 # -- S3 only ----------------------------------------------------------------------------------------
 
 def test_s3_server_unreachable() -> None:
-    import socket
-
     from session_manager.store.s3 import S3Backend
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     b = S3Backend("bucket", "repo", endpoint=f"http://127.0.0.1:{port}", region=None, access_key="a", secret_key="b")
     for attempt in (lambda: b.save("config", b"x"), lambda: b.load("config"), lambda: list(b.list("index/"))):
         with pytest.raises(RepositoryError) as e:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Sm
+from helpers.cli import Sm
 
 from session_manager.vm.qemu import boot_id, choose_accelerator, find_qemu, probe, qemu_path
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import random
 import shutil
 import stat
 import subprocess
@@ -16,24 +15,17 @@ from pathlib import Path
 import blake3
 import keyring
 import pytest
-from conftest import MemoryKeyring, Sm
-from test_store import ingest, pack_of, stream_of, synthetic_stream
-from test_stream import reader
+from helpers import ROOT
+from helpers.cli import Sm
+from helpers.store import MemoryKeyring, ingest, noise_pages, pack_of, stream_of, synthetic_stream
+from helpers.stream import reader
 
 from session_manager import keychain
 from session_manager.errors import CorruptionError, RepositoryError, UsageError
 from session_manager.store import keys
 from session_manager.store.codec import decode, encode
 from session_manager.store.repo import Repository
-from session_manager.vm.stream import PAGE_SIZE, iter_segments
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def secret_pages(n: int, seed: int) -> list[bytes]:
-    """Incompressible pages: without encryption they would lie in the packs byte for byte."""
-    rnd = random.Random(seed)
-    return [rnd.randbytes(PAGE_SIZE) for _ in range(n)]
+from session_manager.vm.stream import iter_segments
 
 
 def all_bytes(root: Path) -> bytes:
@@ -50,7 +42,7 @@ def no_passphrase_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_nothing_readable_on_disk(tmp_path: Path) -> None:
     root = tmp_path / "repo"
     repo = Repository.open(root, create=True)
-    pages = secret_pages(200, 1)
+    pages = noise_pages(200, 1)
     data = synthetic_stream(pages, state=b"device state of the secret session")
     with repo.writer(session="secret-session-name") as w:
         w.add_memory(iter_segments(reader(data)))
@@ -73,7 +65,7 @@ def test_nothing_readable_on_disk(tmp_path: Path) -> None:
 
 def test_keyed_ids_deduplicate(tmp_path: Path) -> None:
     repo = Repository.open(tmp_path / "repo", create=True)
-    page = secret_pages(1, 2)[0]
+    page = noise_pages(1, 2)[0]
     assert repo.master.blob_id(page) != blake3.blake3(page).digest()
     data = synthetic_stream([page, page, page])
     with repo.writer(session="s") as w:
@@ -88,8 +80,8 @@ def test_keyed_ids_deduplicate(tmp_path: Path) -> None:
 
 def test_tampered_pack_is_refused_naming_the_checkpoint(tmp_path: Path) -> None:
     repo = Repository.open(tmp_path / "repo", create=True)
-    good = ingest(repo, synthetic_stream(secret_pages(20, 3), state=b"a"))
-    bad = ingest(repo, synthetic_stream(secret_pages(20, 4), state=b"b"))
+    good = ingest(repo, synthetic_stream(noise_pages(20, 3), state=b"a"))
+    bad = ingest(repo, synthetic_stream(noise_pages(20, 4), state=b"b"))
     path, offset = pack_of(repo, bad)
     pack = path.name
     data = bytearray(path.read_bytes())
@@ -107,7 +99,7 @@ def test_tampered_pack_is_refused_naming_the_checkpoint(tmp_path: Path) -> None:
 def test_objects_cannot_be_swapped(tmp_path: Path) -> None:
     root = tmp_path / "repo"
     repo = Repository.open(root, create=True)
-    a, b = (ingest(repo, synthetic_stream(secret_pages(2, seed), state=bytes([seed]))) for seed in (5, 6))
+    a, b = (ingest(repo, synthetic_stream(noise_pages(2, seed), state=bytes([seed]))) for seed in (5, 6))
     shutil.copy(root / "checkpoints" / a.id, root / "checkpoints" / b.id)  # a's manifest under b's name
     fresh = Repository.open(root)
     with pytest.raises(CorruptionError, match=f"manifest of checkpoint {b.id[:8]} is damaged or was tampered with"):

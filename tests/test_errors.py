@@ -9,30 +9,21 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Sm
+from helpers.cli import Sm, one_sentence
 
 pytestmark = pytest.mark.qemu
 
 
-def fails(run, *words: str) -> str:
-    assert run.returncode != 0, run.stdout
-    message = run.stderr.strip()
-    assert len(message.splitlines()) == 1, message  # one sentence, no traceback
-    for w in words:
-        assert w in message, message
-    return message
-
-
 def test_bad_input_is_refused_with_one_sentence(sm: Sm, guest: tuple[Path, Path], tmp_path: Path) -> None:
-    fails(sm("new", "x", "--disk", str(tmp_path / "missing.qcow2"), check=False), "does not exist")
-    fails(sm("new", "bad/name", "--kernel", str(guest[0]), check=False), "not a valid session name")
-    fails(sm("new", "name\n", "--kernel", str(guest[0]), check=False), "not a valid session name")
-    fails(sm("new", "x", "--kernel", str(guest[0]), "--memory", "lots", check=False), "not a size")
+    one_sentence(sm("new", "x", "--disk", str(tmp_path / "missing.qcow2"), check=False), "does not exist")
+    one_sentence(sm("new", "bad/name", "--kernel", str(guest[0]), check=False), "not a valid session name")
+    one_sentence(sm("new", "name\n", "--kernel", str(guest[0]), check=False), "not a valid session name")
+    one_sentence(sm("new", "x", "--kernel", str(guest[0]), "--memory", "lots", check=False), "not a size")
     assert sm("list", "--json").json() == []  # nothing was created
-    fails(sm("start", "nope", check=False), "no session named 'nope'")
-    fails(sm("checkpoint", "nope", check=False), "no session named 'nope'")
+    one_sentence(sm("start", "nope", check=False), "no session named 'nope'")
+    one_sentence(sm("checkpoint", "nope", check=False), "no session named 'nope'")
     for bad in ("-1", "0", "-3", "two"):  # would forget everything that is not pinned
-        fails(sm("forget", "nope", "--keep-daily", bad, check=False), "not a number of checkpoints to keep")
+        one_sentence(sm("forget", "nope", "--keep-daily", bad, check=False), "not a number of checkpoints to keep")
 
 
 def test_users_image_is_never_written(sm: Sm, guest: tuple[Path, Path], tmp_path: Path) -> None:
@@ -41,26 +32,26 @@ def test_users_image_is_never_written(sm: Sm, guest: tuple[Path, Path], tmp_path
     before = image.read_bytes()
     sm("new", "mine", "--disk", str(image), "--kernel", str(guest[0]), check=False)  # one source only
     sm("new", "mine", "--disk", str(image), "--memory", "128M")
-    fails(sm("new", "mine", "--disk", str(image), check=False), "already exists")
+    one_sentence(sm("new", "mine", "--disk", str(image), check=False), "already exists")
     assert image.read_bytes() == before
 
 
 def test_qemu_missing_or_too_old(sm: Sm, guest: tuple[Path, Path], tmp_path: Path) -> None:
     sm.new_guest("q", guest)
     missing = Sm(sm.home, env={"SESSION_MANAGER_QEMU": str(tmp_path / "no-qemu")})
-    fails(missing("start", "q", check=False), "SESSION_MANAGER_QEMU", "not an executable")
+    one_sentence(missing("start", "q", check=False), "SESSION_MANAGER_QEMU", "not an executable")
     old = tmp_path / "qemu-system-x86_64"
     old.write_text("#!/bin/sh\necho 'QEMU emulator version 6.2.0 (Debian 1:6.2+dfsg-2)'\n")
     old.chmod(0o755)
-    fails(Sm(sm.home, env={"SESSION_MANAGER_QEMU": str(old)})("start", "q", check=False), "6.2.0", "too old")
+    one_sentence(Sm(sm.home, env={"SESSION_MANAGER_QEMU": str(old)})("start", "q", check=False), "6.2.0", "too old")
     assert sm("status", "q", "--json").json()["pid"] is None
 
 
 def test_already_running_and_unknown_checkpoint(sm: Sm, guest: tuple[Path, Path]) -> None:
     sm.new_guest("r", guest)
     sm("start", "r")
-    fails(sm("start", "r", check=False), "already running")
-    fails(sm("restore", "r", "0123456789abcdef", check=False), "0123456789abcdef")
+    one_sentence(sm("start", "r", check=False), "already running")
+    one_sentence(sm("restore", "r", "0123456789abcdef", check=False), "0123456789abcdef")
     assert sm("status", "r", "--json").json()["run_state"] == "running"
 
 
@@ -119,7 +110,7 @@ def test_disk_full_mid_checkpoint(sm: Sm, guest: tuple[Path, Path]) -> None:
         filler = repo / "filler"  # leave 64 KiB: less than the next checkpoint's new pages
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64K", f"count={(free >> 16) - 1}"],
                        capture_output=True, check=True)
-        fails(sm("checkpoint", "full", check=False), "full", "free space")
+        one_sentence(sm("checkpoint", "full", check=False), "full", "free space")
         assert sm("status", "full", "--json").json()["run_state"] == "running"
         filler.unlink()
         assert [c["id"] for c in sm("checkpoints", "full", "--json").json()] == [first["id"]]
@@ -168,16 +159,17 @@ def test_a_damaged_session_file_affects_only_its_session(sm: Sm, guest: tuple[Pa
     assert run.returncode != 0 and json.loads(run.stdout)[1]["name"] == "badstate"
     assert [(r["name"], r["state"]) for r in json.loads(run.stdout)] == [
         ("badconfig", "damaged"), ("badstate", "damaged"), ("good", "stopped")]
-    message = fails(run, "config.toml is damaged", "state.json is damaged", "the other sessions are not affected")
+    message = one_sentence(run, "config.toml is damaged", "state.json is damaged",
+                           "the other sessions are not affected")
     assert "Traceback" not in message
     assert sm("status", "good", "--json").json()["run_state"] is None
-    fails(sm("start", "badconfig", check=False), "badconfig", "config.toml is damaged")
+    one_sentence(sm("start", "badconfig", check=False), "badconfig", "config.toml is damaged")
 
 
 def test_a_failing_command_on_a_new_home_makes_no_repository(sm: Sm, guest: tuple[Path, Path]) -> None:
     sm.new_guest("fresh", guest)
     assert sm("list", "--json").json()[0]["checkpoints"] == 0
     assert sm("checkpoints", "fresh", "--json").json() == []
-    fails(sm("restore", "fresh", "0123abcd", check=False), "Checkpoint 0123abcd does not exist")
-    fails(sm("pin", "fresh", "0123abcd", check=False), "0123abcd")
+    one_sentence(sm("restore", "fresh", "0123abcd", check=False), "Checkpoint 0123abcd does not exist")
+    one_sentence(sm("pin", "fresh", "0123abcd", check=False), "0123abcd")
     assert not (sm.home / "data" / "repository").exists()  # nor its key in a keyring or key file

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Serial, Sm
+from helpers.aio import until
+from helpers.cli import Sm, log_text, wait_log
+from helpers.net import paired_homes, serving
+from helpers.qemu import Serial
+from helpers.rfb import Events, assert_matches_screendump, type_text, wait_serial
 from PySide6.QtCore import Qt
-from test_peers import log_text, paired_homes, serving
-from test_rfb import Events, assert_matches_screendump, type_text, until, wait_serial
 
 from session_manager.app import App
 from session_manager.errors import PeerError
@@ -34,14 +35,6 @@ from session_manager.vm.machine import Machine, Sockets
 pytestmark = pytest.mark.qemu
 
 GONE = "a no longer shows the screen of session desk"  # b's log, when a relay ends
-
-
-def wait_more(sm: Sm, text: str, seen: int, timeout: float = 20) -> None:
-    """Wait until ``text`` is in ``sm``'s log more than ``seen`` times."""
-    deadline = time.monotonic() + timeout
-    while log_text(sm).count(text) <= seen:
-        assert time.monotonic() < deadline, f"{text!r} did not appear again in the log:\n{log_text(sm)[-2000:]}"
-        time.sleep(0.05)
 
 
 @dataclass
@@ -106,7 +99,7 @@ def test_the_peer_shows_the_session_to_paired_installations_only(moved: Moved, t
     with serving(moved.b, f"127.0.0.1:{moved.port_b}"):
         seen = log_text(moved.b).count(GONE)
         asyncio.run(scenario())
-        wait_more(moved.b, GONE, seen)
+        wait_log(moved.b, re.escape(GONE), count=seen + 1, timeout=20)  # once more
         assert "Refused display from 127.0.0.1" in log_text(moved.b)
 
 
@@ -139,7 +132,7 @@ def test_the_window_follows_the_session_to_the_peer(moved: Moved, aloop, qtbot,
         assert not viewer.is_connected() and viewer.target() is None
         assert window.pages.currentWidget() is window.stopped_page and window.windowTitle().startswith("desk — ")
         aloop.run_until_complete(viewer.wait_closed())
-        wait_more(moved.b, GONE, seen)
+        wait_log(moved.b, re.escape(GONE), count=seen + 1, timeout=20)  # once more
         aloop.run_until_complete(app.close())
 
     # At b, the app shows the session as its own: running, on its local display.

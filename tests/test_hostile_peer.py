@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GUEST_CACHE, Sm
-from test_peers import pair_by_ids, paired_homes, serving
+from helpers import GUEST_CACHE
+from helpers.cli import Sm
+from helpers.net import pair_by_ids, paired_homes, serving
 
 from session_manager.errors import PeerError
 from session_manager.net.agent import connect

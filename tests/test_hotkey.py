@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Xvfb, xlib_display
+from helpers.x11 import Xvfb, xlib_display
 from Xlib import XK, X
 from Xlib.display import Display
 from Xlib.error import BadAccess, CatchError
@@ -231,7 +231,8 @@ def test_x11_reregister_replaces_the_grab(xvfb: Xvfb, probe: Probe, other_client
     assert not grab_from_other_client(other_client, "k", X.ControlMask | X.ShiftMask)
 
     # A sequence that cannot be grabbed raises and leaves the current shortcut alone.
-    assert probe.send("register Ctrl+Alt") == "usage-error Ctrl+Alt has no key besides modifiers; add one, as in Ctrl+Alt+S."
+    assert probe.send("register Ctrl+Alt") == \
+        "usage-error Ctrl+Alt has no key besides modifiers; add one, as in Ctrl+Alt+S."
     assert probe.send("register Ctrl+S, Ctrl+D").startswith("usage-error Ctrl+S, Ctrl+D is 2 key presses")
     xvfb.xdotool("key", "ctrl+shift+k")
     probe.expect(2)

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Sm
+from helpers.cli import Sm
 
 from session_manager.local.engine import MAX_CHAIN
 

@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Serial, Sm, seq_records
-from qemu_tls import self_signed, tls_dir
+from helpers import ROOT
+from helpers.cli import Sm
+from helpers.net import free_ports
+from helpers.qemu import (
+    PATTERN_LEN,
+    Serial,
+    Source,
+    keeps_running,
+    pattern_intact,
+    self_signed,
+    seq_records,
+    start_source,
+    tls_dir,
+)
 
 from session_manager.local.sessions import Session
 from session_manager.paths import Home
@@ -41,8 +52,6 @@ from session_manager.vm.migrate import (
 from session_manager.vm.qemu import command_line, find_qemu, qemu_path
 
 pytestmark = pytest.mark.qemu
-
-PATTERN_AT, PATTERN_LEN = 256 << 20, 48 << 20  # a region of the source's disk the guest never touches
 
 # A migration driven by its own process, which blocks at the switch-over (and is killed there).
 DRIVER = """
@@ -83,35 +92,6 @@ def tls(tmp_path: Path) -> Pair:
 
 # -- the two QEMUs ---------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Source:
-    name: str
-    sockets: Sockets
-    serial: Serial
-    layer: Path
-
-
-def start_source(sm: Sm, guest: tuple[Path, Path], name: str, *, fill: int = 16, dirty: int = 0,
-                 window: int = 8, pattern: bool = False) -> Source:
-    sm.new_guest(name, guest, fill=fill, dirty=dirty, window=window)
-    session = Session(Home.locate(sm.home), name)
-    layer = session.layer_path(session.load_state().active_layer)
-    if pattern:  # data for the mirror to carry, besides the guest's few records
-        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0xa5 {PATTERN_AT} {PATTERN_LEN}", str(layer)],
-                       check=True, capture_output=True)
-    sm("start", name)
-    serial = sm.serial(name)
-    serial.wait_for(r"^ready")
-    serial.wait_counter(3)
-    return Source(name, Sockets(session.runtime), serial, layer)
-
-
 @dataclass
 class Dest:
     sockets: Sockets
@@ -146,7 +126,7 @@ async def start_destination(sm: Sm, source: Source) -> Dest:
     argv = command_line(find_qemu(qemu_path()), session.load_config(), accel="tcg", top_layer=disk, sockets=sockets,
                         serial_log=serial_log, incoming=True, paused=True)
     pid = await launch(argv, sockets, here / "qemu.log")
-    return Dest(sockets, Serial(serial_log), disk, pid, free_port(), free_port())
+    return Dest(sockets, Serial(serial_log), disk, pid, *free_ports(2))
 
 
 async def prepare(dest: Dest, tls: Path, postcopy: bool = False) -> None:
@@ -180,23 +160,6 @@ async def source_is_clean(source: Source, background_snapshot: bool = True) -> N
         assert not (caps["pause-before-switchover"] or caps["return-path"] or caps["postcopy-ram"])
         assert (await m.run("query-migrate-parameters"))["tls-creds"] == ""
         assert not [o for o in await m.run("qom-list", {"path": "/objects"}) if o["name"].startswith("sm-mig")]
-
-
-def keeps_running(serial: Serial, since: int, count: int = 3) -> None:
-    """The guest prints ``count`` more counters, consecutive, and its disk checks pass."""
-    before = serial.counters(since)[-1:] or [0]
-    serial.wait_counter(len(serial.counters(since)) + count, since=since, timeout=60)
-    after = serial.counters(since)
-    assert after == list(range(after[0], after[-1] + 1)), "the counter went back or jumped"
-    assert after[-1] >= before[0] + count
-    serial.wait_for(rf"^disk ok {after[-1]}", since=since)
-    assert "disk-mismatch" not in serial.text()
-
-
-def pattern_intact(path: Path) -> bool:
-    out = subprocess.run(["qemu-io", "-U", "-r", "-f", "qcow2", "-c", f"read -P 0xa5 {PATTERN_AT} {PATTERN_LEN}",
-                          str(path)], capture_output=True, text=True)
-    return out.returncode == 0 and "verification failed" not in out.stdout + out.stderr
 
 
 # -- tests ---------------------------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Serial
-from test_migrate import keeps_running
-from test_peers import log_text, one_sentence, paired_homes, serving
+from helpers.cli import log_text, one_sentence
+from helpers.net import paired_homes, serving
+from helpers.qemu import Serial, keeps_running
 
 pytestmark = pytest.mark.qemu
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Run, Serial
-from test_migrate import PATTERN_LEN, Source, keeps_running, pattern_intact, start_source
-from test_peers import NsSm, one_sentence, pair_by_ids, serving
+from helpers.cli import Run, one_sentence
+from helpers.net import NsSm, pair_by_ids, serving
+from helpers.qemu import PATTERN_LEN, Serial, Source, keeps_running, pattern_intact, start_source
 
 from session_manager.local.sessions import Session
 from session_manager.paths import Home

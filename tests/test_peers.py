@@ -12,16 +12,15 @@ import os
 import pty
 import re
 import shutil
-import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Sm
+from helpers.cli import Sm, log_text, one_sentence, wait_log
+from helpers.net import NsSm, free_port, my_id, pair_by_ids, serving
+from helpers.qemu import QmpClient
 
 from session_manager.errors import PeerError, UsageError
 from session_manager.net.agent import Agent, Call, _open, connect
@@ -31,54 +30,6 @@ from session_manager.paths import Home
 from session_manager.vm.qemu import find_qemu, qemu_path
 
 ID_RE = re.compile(r"[A-Z2-7]{7}(-[A-Z2-7]{7}){3}")
-
-
-class NsSm(Sm):
-    """``session-manager`` run inside a network namespace."""
-
-    def __init__(self, home: Path, netns: str) -> None:
-        super().__init__(home)
-        self.netns = netns
-
-    def argv(self, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", self.netns, *super().argv(*args)]
-
-
-def log_text(sm: Sm) -> str:
-    log = sm.home / "state" / "session-manager.log"
-    return log.read_text() if log.exists() else ""
-
-
-def wait_log(sm: Sm, text: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in log_text(sm):
-        assert time.monotonic() < deadline, f"{text!r} never appeared in the log:\n{log_text(sm)[-2000:]}"
-        time.sleep(0.05)
-
-
-@contextmanager
-def serving(sm: Sm, listen: str = "127.0.0.1:0") -> Iterator[int]:
-    """`serve` running for ``sm``; yields its port and checks that SIGTERM stops it cleanly."""
-    proc = sm.popen_until("Listening on", "serve", "--listen", listen)
-    try:
-        yield int(re.findall(r"Listening on \S+:(\d+) as", log_text(sm))[-1])
-    finally:
-        proc.terminate()
-        out, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0 and "Agent stopped." in out, err + out
-
-
-def one_sentence(run: Any, *words: str) -> str:
-    assert run.returncode != 0, run.stdout
-    message = run.stderr.strip()
-    assert len(message.splitlines()) == 1, message
-    for w in words:
-        assert w in message, message
-    return message
-
-
-def my_id(sm: Sm) -> str:
-    return str(sm("id", "--json").json()["id"])
 
 
 # -- two computers -----------------------------------------------------------------------------------
@@ -103,7 +54,7 @@ def test_pairing_is_confirmed_on_both_sides(two: tuple[Sm, str, Sm, str, str]) -
                                       stdin=tty, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       env=a.env)
             os.write(main, b"y\n")
-            wait_log(b, f"wants to pair; accept with `session-manager peers accept {id_a}`.")
+            wait_log(b, re.escape(f"wants to pair; accept with `session-manager peers accept {id_a}`."), timeout=20)
             accepted = b("peers", "accept", id_a.lower().replace("-", ""), "--name", "a", "--json").json()  # ...b's
             out, err = adding.communicate(timeout=30)
         finally:
@@ -120,31 +71,6 @@ def test_pairing_is_confirmed_on_both_sides(two: tuple[Sm, str, Sm, str, str]) -
         for sm in (a, b):
             assert [p["reachable"] for p in sm("peers", "list", "--check", "--json").json()] == [True]
     assert not list((b.home / "run" / "pairing").glob("*"))  # the request is gone once answered
-
-
-def pair_by_ids(a: Sm, port_a: int, b: Sm, port_b: int, host_a: str = "127.0.0.1", host_b: str = "127.0.0.1",
-                names: tuple[str, str] = ("a", "b")) -> None:
-    """Pair a and b (both serving, at host_a and host_b) by entering each other's id on both sides; each knows the
-    other by its name in ``names``."""
-    first = a.popen("peers", "add", f"{host_b}:{port_b}", "--name", names[1], "--fingerprint", my_id(b))
-    wait_log(b, "wants to pair")
-    b("peers", "add", f"{host_a}:{port_a}", "--name", names[0], "--fingerprint", my_id(a))
-    out, err = first.communicate(timeout=30)
-    assert first.returncode == 0 and f"Paired with {names[1]}" in out, err
-
-
-@contextmanager
-def paired_homes(tmp: Path) -> Iterator[tuple[Sm, Sm, int]]:
-    """Installations a and b on loopback, paired through their agents (stopped again: a test serves b's where it
-    needs it, on the same port); yields (a, b, b's port), and kills their QEMUs at the end."""
-    a, b = Sm(tmp / "a").take_test_guests(), Sm(tmp / "b").take_test_guests()
-    try:
-        with serving(a) as port_a, serving(b) as port_b:
-            pair_by_ids(a, port_a, b, port_b)
-        yield a, b, port_b
-    finally:
-        a.kill_all()
-        b.kill_all()
 
 
 def test_entering_both_ids_pairs_without_accepting(tmp_path: Path) -> None:
@@ -278,7 +204,7 @@ def test_identity_files_and_short_id(tmp_path: Path) -> None:
     assert tls.stat().st_mode & 0o777 == 0o700 and (tls / "client-key.pem").stat().st_mode & 0o777 == 0o600
 
 
-class Qmp:
+class TlsQemu(QmpClient):
     """A QEMU with -machine none and a tls-creds-x509 object "tls0" made from write_qemu_tls_dir's layout."""
 
     def __init__(self, tmp_path: Path, name: str, tls: Path, endpoint: str, *extra: str) -> None:
@@ -288,26 +214,10 @@ class Qmp:
                 [*find_qemu(qemu_path()).command, "-machine", "none", "-nodefaults", "-display", "none",
                  "-object", f"tls-creds-x509,id=tls0,dir={tls},endpoint={endpoint},verify-peer=on,sanity-check=off",
                  "-qmp", f"unix:{sock},server=on,wait=off", *extra], stderr=log)
-        self.sock = socket.socket(socket.AF_UNIX)
-        deadline = time.monotonic() + 20
-        while self.sock.connect_ex(str(sock)):
-            assert time.monotonic() < deadline and self.proc.poll() is None, "QEMU did not start"
-            time.sleep(0.05)
-        self.file = self.sock.makefile("rw")
-        self.file.readline()
-        self("qmp_capabilities")
-
-    def __call__(self, command: str, **args: Any) -> Any:
-        self.file.write(json.dumps({"execute": command, "arguments": args}) + "\n")
-        self.file.flush()
-        while "event" in (reply := json.loads(self.file.readline() or '{"error": "QEMU exited"}')):
-            pass
-        assert "return" in reply, reply
-        return reply["return"]
+        super().__init__(sock, self.proc, timeout=20)
 
     def close(self) -> None:
-        self.file.close()
-        self.sock.close()
+        super().close()
         self.proc.kill()
         self.proc.wait()
 
@@ -326,12 +236,10 @@ def test_addresses(text: str, expected: tuple[str, int]) -> None:
 def test_qemu_migrates_over_tls_to_the_paired_installation_only(tmp_path: Path, paired: bool) -> None:
     """QEMU 7.2 takes write_qemu_tls_dir's layout; a destination refuses a source it has not paired."""
     src, dst, other = (load_identity(Home.locate(tmp_path / n)) for n in ("src", "dst", "other"))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    incoming = Qmp(tmp_path, "dst", write_qemu_tls_dir(tmp_path / "dst-tls", dst, src.cert_pem, "server"), "server",
+    port = free_port()
+    incoming = TlsQemu(tmp_path, "dst", write_qemu_tls_dir(tmp_path / "dst-tls", dst, src.cert_pem, "server"), "server",
                    "-incoming", "defer")
-    outgoing = Qmp(tmp_path, "src", write_qemu_tls_dir(tmp_path / "src-tls", src if paired else other,
+    outgoing = TlsQemu(tmp_path, "src", write_qemu_tls_dir(tmp_path / "src-tls", src if paired else other,
                                                        dst.cert_pem, "client"), "client")
     try:
         incoming("migrate-set-parameters", **{"tls-creds": "tls0"})

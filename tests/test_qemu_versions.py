@@ -9,9 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Serial, Sm
-from test_migrate import keeps_running
-from test_peers import one_sentence, paired_homes, serving
+from helpers import ROOT
+from helpers.cli import Sm, one_sentence
+from helpers.net import paired_homes, serving
+from helpers.qemu import Serial, keeps_running
 
 from session_manager.vm.qemu import Qemu, cannot_load, find_qemu, machine_type, release
 

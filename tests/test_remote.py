@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import shutil
 import signal
-import socket
 import time
 from pathlib import Path
 
 import pytest
-from conftest import S3Server, Serial, Sm, two_checkpoints
-from test_store import assert_consistent, ingest, synthetic_stream
+from helpers.aio import until
+from helpers.cli import Sm
+from helpers.net import free_port
+from helpers.qemu import Serial, two_checkpoints
+from helpers.s3server import S3Server
+from helpers.store import assert_consistent, ingest, noise_pages, synthetic_stream
 
 from session_manager.errors import CorruptionError, RepositoryError, UsageError
 from session_manager.keychain import KeyringUnavailable
@@ -24,15 +26,8 @@ from session_manager.store.backend import Backend, LocalBackend
 from session_manager.store.replicate import Transfer, replicate, replicate_forever
 from session_manager.store.repo import Repository
 from session_manager.store.writer import PACK_SIZE
-from session_manager.vm.stream import PAGE_SIZE
 
 PASSPHRASE = "correct horse battery staple"
-
-
-def pages(n: int, seed: int) -> list[bytes]:
-    """Incompressible pages, so that sizes are predictable."""
-    rnd = random.Random(seed)
-    return [rnd.randbytes(PAGE_SIZE) for _ in range(n)]
 
 
 def objects(backend: Backend) -> dict[str, int]:
@@ -44,12 +39,6 @@ def keyfile(repo_dir: Path) -> Path:
     return repo_dir.with_name(repo_dir.name + ".key")  # the tests have no keyring: keys are kept here
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def creds_env(server: S3Server) -> dict[str, str]:
     return {KEY_ENV: server.access_key, SECRET_ENV: server.secret_key}
 
@@ -58,7 +47,7 @@ def creds_env(server: S3Server) -> dict[str, str]:
 
 def test_push_sends_only_what_is_missing_and_the_remote_checks_clean(s3_server: S3Server, tmp_path: Path) -> None:
     repo = Repository.open(tmp_path / "local", create=True)
-    base = pages(300, 1)
+    base = noise_pages(300, 1)
     a = ingest(repo, synthetic_stream(base), session="desk")
     remote = s3_server.backend(tmp_path.name)
     seen: list[Transfer] = []
@@ -69,7 +58,7 @@ def test_push_sends_only_what_is_missing_and_the_remote_checks_clean(s3_server: 
     assert len(seen) == len(local) and seen[-1] == first
     assert sorted(t.bytes_done for t in seen) == [t.bytes_done for t in seen]
 
-    b = ingest(repo, synthetic_stream(base[:200] + pages(100, 2)), session="desk", parent=a.id)
+    b = ingest(repo, synthetic_stream(base[:200] + noise_pages(100, 2)), session="desk", parent=a.id)
     repo.annotate(a, note="before the change")
     new = set(objects(repo.backend)) - set(objects(remote))
     second = replicate(repo, remote)
@@ -77,7 +66,7 @@ def test_push_sends_only_what_is_missing_and_the_remote_checks_clean(s3_server: 
     assert replicate(repo, remote) == Transfer()  # nothing missing, nothing sent
 
     there = Repository.unlock(remote, str(remote), keyfile(tmp_path / "local"))
-    assert_consistent(there, {a.id: synthetic_stream(base), b.id: synthetic_stream(base[:200] + pages(100, 2))})
+    assert_consistent(there, {a.id: synthetic_stream(base), b.id: synthetic_stream(base[:200] + noise_pages(100, 2))})
     assert there.get(a.id).note == "before the change"
 
     # And back: a pull into an empty directory gives the same repository.
@@ -88,9 +77,9 @@ def test_push_sends_only_what_is_missing_and_the_remote_checks_clean(s3_server: 
 
 def test_a_partial_copy_takes_only_the_packs_a_checkpoint_needs(tmp_path: Path) -> None:
     repo = Repository.open(tmp_path / "local", create=True)
-    base, other = pages(200, 1), pages(200, 3)
+    base, other = noise_pages(200, 1), noise_pages(200, 3)
     a = ingest(repo, synthetic_stream(base), session="desk")
-    b = ingest(repo, synthetic_stream(base[:100] + pages(100, 2)), session="desk", parent=a.id)
+    b = ingest(repo, synthetic_stream(base[:100] + noise_pages(100, 2)), session="desk", parent=a.id)
     c = ingest(repo, synthetic_stream(other), session="other")
     dst = LocalBackend(tmp_path / "there")
     needed = repo.packs_for([b])
@@ -103,13 +92,13 @@ def test_a_partial_copy_takes_only_the_packs_a_checkpoint_needs(tmp_path: Path) 
     assert len(list(dst.list("index/"))) == 1  # of the packs it received
     assert sent.objects_done == len(needed) + 2  # the packs, the manifest, the config
     there = Repository.unlock(dst, "there", keyfile(tmp_path / "local"))
-    assert_consistent(there, {b.id: synthetic_stream(base[:100] + pages(100, 2))})
+    assert_consistent(there, {b.id: synthetic_stream(base[:100] + noise_pages(100, 2))})
     assert replicate(repo, dst, checkpoints=[b.id]) == Transfer()
 
     # The index there lists only the packs that are there, so a checkpoint written there stores the
     # pages it does not have (some of them are in a pack of `other` that stayed behind).
     d = ingest(there, synthetic_stream(other[:50] + base[100:150]), session="desk", parent=b.id)
-    assert_consistent(there, {b.id: synthetic_stream(base[:100] + pages(100, 2)),
+    assert_consistent(there, {b.id: synthetic_stream(base[:100] + noise_pages(100, 2)),
                               d.id: synthetic_stream(other[:50] + base[100:150])})
 
 
@@ -126,7 +115,7 @@ def test_another_repository_is_refused(tmp_path: Path) -> None:
 
 def test_a_new_or_empty_home_takes_the_remotes_identity(tmp_path: Path) -> None:
     remote = Repository.open(tmp_path / "remote", create=True)
-    ingest(remote, synthetic_stream(pages(10, 1)), session="desk")
+    ingest(remote, synthetic_stream(noise_pages(10, 1)), session="desk")
     home = Home.locate(tmp_path / "home")
     assert objects(local_target(home, remote)) == {}  # new: nothing to do
 
@@ -138,7 +127,7 @@ def test_a_new_or_empty_home_takes_the_remotes_identity(tmp_path: Path) -> None:
 
     other = Home.locate(tmp_path / "other")
     mine = Repository.open(other.repository, create=True)
-    ingest(mine, synthetic_stream(pages(10, 2)), session="mine")
+    ingest(mine, synthetic_stream(noise_pages(10, 2)), session="mine")
     with pytest.raises(RepositoryError, match=r"^This computer's repository .* is another one than the one in "
                                               r".* and holds checkpoints; use another --home for that one\.$"):
         local_target(other, remote)
@@ -160,7 +149,7 @@ def test_rate_limiter_computes_the_waits_of_a_token_bucket() -> None:
 
 def test_limit_is_respected(tmp_path: Path) -> None:
     repo = Repository.open(tmp_path / "local", create=True)
-    ingest(repo, synthetic_stream(pages(700, 1)), session="desk")  # about 3 MiB
+    ingest(repo, synthetic_stream(noise_pages(700, 1)), session="desk")  # about 3 MiB
     limit = 1 << 20
     started = time.monotonic()
     sent = replicate(repo, LocalBackend(tmp_path / "remote"), limit=limit)
@@ -188,7 +177,7 @@ def test_background_replication_pushes_new_checkpoints_and_retries_when_offline(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(replication, "RETRY_FIRST", 0.2)
     repo = Repository.open(tmp_path / "local", create=True)
-    a = ingest(repo, synthetic_stream(pages(20, 1)), session="desk")
+    a = ingest(repo, synthetic_stream(noise_pages(20, 1)), session="desk")
     remote = Flaky(tmp_path / "remote")
     errors: list[tuple[str, float]] = []
     sent: list[Transfer] = []
@@ -199,12 +188,6 @@ def test_background_replication_pushes_new_checkpoints_and_retries_when_offline(
         if len(after) == 1:
             raise RepositoryError("The copy is locked by another computer.")  # not a failed push
 
-    async def until(condition, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-
     b = a
 
     async def main() -> None:
@@ -212,16 +195,16 @@ def test_background_replication_pushes_new_checkpoints_and_retries_when_offline(
         task = asyncio.create_task(replicate_forever(
             repo, remote, progress=sent.append, on_error=lambda e, delay: errors.append((str(e), delay)),
             wake=wake, poll=60, after=thin))
-        await until(lambda: len(errors) >= 2)  # it keeps trying, backing off
+        await until(lambda: len(errors) >= 2, "two failed pushes")  # it keeps trying, backing off
         assert errors[0] == ("Cannot reach the server at http://nas: Connection refused; check the address or "
                              "try later.", 0.2)
         assert errors[1][1] == 0.4
         remote.down = False
-        await until(lambda: f"checkpoints/{a.id}" in set(remote.list("checkpoints/")))
+        await until(lambda: f"checkpoints/{a.id}" in set(remote.list("checkpoints/")), "a pushed")
         nonlocal b
-        b = await asyncio.to_thread(ingest, repo, synthetic_stream(pages(20, 2)), "desk", a.id)
+        b = await asyncio.to_thread(ingest, repo, synthetic_stream(noise_pages(20, 2)), "desk", a.id)
         wake.set()  # as the app does after a checkpoint, rather than wait for the next poll
-        await until(lambda: f"checkpoints/{b.id}" in set(remote.list("checkpoints/")))
+        await until(lambda: f"checkpoints/{b.id}" in set(remote.list("checkpoints/")), "b pushed")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -290,7 +273,7 @@ def test_push_killed_midway_resumes_and_sends_only_what_is_missing(s3_server: S3
     home = tmp_path / "home"
     repo = Repository.open(home / "data" / "repository", create=True)
     for seed in range(3):  # three writer runs: three packs of about 12 MiB
-        ingest(repo, synthetic_stream(pages(3000, seed)), session="desk")
+        ingest(repo, synthetic_stream(noise_pages(3000, seed)), session="desk")
     local = objects(repo.backend)
     sm = Sm(home, env=creds_env(s3_server))
     url = f"s3://{s3_server.bucket}/{tmp_path.name}"
@@ -319,7 +302,7 @@ def test_push_killed_midway_resumes_and_sends_only_what_is_missing(s3_server: S3
 
 def test_reading_from_a_place_that_is_not_there_creates_nothing(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    ingest(Repository.open(home / "data" / "repository", create=True), synthetic_stream(pages(10, 1)), "desk")
+    ingest(Repository.open(home / "data" / "repository", create=True), synthetic_stream(noise_pages(10, 1)), "desk")
     sm = Sm(home)
     for url in ("", "  "):
         r = sm("remote", "add", "here", url, check=False)
@@ -339,7 +322,7 @@ def test_reading_from_a_place_that_is_not_there_creates_nothing(tmp_path: Path) 
 
 def test_push_to_an_unreachable_server_fails_in_one_sentence_and_changes_nothing(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    ingest(Repository.open(home / "data" / "repository", create=True), synthetic_stream(pages(10, 1)), "desk")
+    ingest(Repository.open(home / "data" / "repository", create=True), synthetic_stream(noise_pages(10, 1)), "desk")
     port = free_port()
     sm = Sm(home, env={KEY_ENV: "AK", SECRET_ENV: "SK"})
     sm("remote", "add", "office", "s3://bucket/me", "--endpoint", f"http://127.0.0.1:{port}")
@@ -354,8 +337,8 @@ def test_push_to_an_unreachable_server_fails_in_one_sentence_and_changes_nothing
 
 def test_a_directory_works_as_a_remote(tmp_path: Path) -> None:
     repo = Repository.open(tmp_path / "one" / "data" / "repository", create=True)
-    a = ingest(repo, synthetic_stream(pages(50, 1)), session="desk")
-    b = ingest(repo, synthetic_stream(pages(50, 2)), session="laptop")
+    a = ingest(repo, synthetic_stream(noise_pages(50, 1)), session="desk")
+    b = ingest(repo, synthetic_stream(noise_pages(50, 2)), session="laptop")
     share = tmp_path / "share"
     one = Sm(tmp_path / "one", env={"SESSION_MANAGER_NEW_PASSPHRASE": PASSPHRASE})
     one("key", "add")  # what opens the repository on another computer
@@ -407,7 +390,7 @@ def test_resume_on_another_computer_continues_the_guest(s3_server: S3Server, gue
 
 def test_an_object_tampered_with_on_the_server_is_refused(s3_server: S3Server, tmp_path: Path) -> None:
     repo = Repository.open(tmp_path / "one" / "data" / "repository", create=True)
-    ckpt = ingest(repo, synthetic_stream(pages(40, 7)), session="desk")
+    ckpt = ingest(repo, synthetic_stream(noise_pages(40, 7)), session="desk")
     repo.add_key(PASSPHRASE)
     remote = s3_server.backend(tmp_path.name)
     replicate(repo, remote)

@@ -10,12 +10,17 @@ import struct
 import subprocess
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Serial, Sm, xlib_display
+from helpers.aio import until
+from helpers.cli import Sm
+from helpers.net import free_port
+from helpers.qemu import Serial
+from helpers.rfb import SCANCODES, Events, assert_matches_screendump, tap, type_text, wait_serial
+from helpers.x11 import xlib_display
 
 from session_manager.rfb import (
     LOCAL_ENCODINGS,
@@ -37,42 +42,9 @@ def run(coro: Awaitable[Any]) -> Any:
     return asyncio.run(bounded())
 
 
-async def until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
-    assert condition(), what
-
-
 def px(rgb: int) -> bytes:
     """One pixel in the client's framebuffer byte order (QImage.Format_RGB32: B, G, R, 0)."""
     return bytes([rgb & 0xFF, (rgb >> 8) & 0xFF, rgb >> 16, 0])
-
-
-@dataclass
-class Events:
-    """What the client's callbacks reported."""
-
-    updates: list[tuple[int, int, int, int]] = field(default_factory=list)
-    frames: int = 0
-    resizes: list[tuple[int, int]] = field(default_factory=list)
-    leds: list[int] = field(default_factory=list)
-    pointer_modes: list[bool] = field(default_factory=list)
-    bells: int = 0
-
-    def attach(self, client: RfbClient) -> None:
-        client.on_update = lambda x, y, w, h: self.updates.append((x, y, w, h))
-        client.on_frame = self._frame
-        client.on_resize = lambda w, h: self.resizes.append((w, h))
-        client.on_leds = self.leds.append
-        client.on_pointer_mode = self.pointer_modes.append
-        client.on_bell = self._bell
-
-    def _frame(self) -> None:
-        self.frames += 1
-
-    def _bell(self) -> None:
-        self.bells += 1
 
 
 # -- fake servers -------------------------------------------------------------------------------
@@ -370,29 +342,6 @@ def test_close_while_running_is_a_clean_end(tmp_path: Path) -> None:
     run(scenario())
 
 
-# -- keyboard helpers for real servers ---------------------------------------------------------------
-
-SCANCODES = {**{c: 0x10 + i for i, c in enumerate("qwertyuiop")}, **{c: 0x1E + i for i, c in enumerate("asdfghjkl")},
-             **{c: 0x2C + i for i, c in enumerate("zxcvbnm")}, **{c: 0x02 + i for i, c in enumerate("1234567890")}}
-SHIFT = (0xFFE1, 0x2A)
-
-
-async def tap(client: RfbClient, keysym: int, scancode: int | None) -> None:
-    client.key_event(True, keysym, scancode)
-    await asyncio.sleep(0.03)
-    client.key_event(False, keysym, scancode)
-    await asyncio.sleep(0.03)
-
-
-async def type_text(client: RfbClient, text: str) -> None:
-    for ch in text:
-        if ch.isupper():
-            client.key_event(True, *SHIFT)
-        await tap(client, ord(ch), SCANCODES[ch.lower()])
-        if ch.isupper():
-            client.key_event(False, *SHIFT)
-
-
 # -- QEMU with the test guest ---------------------------------------------------------------------
 
 def start_guest(sm: Sm, guest: tuple[Path, Path], name: str) -> tuple[dict[str, Any], Serial]:
@@ -401,40 +350,6 @@ def start_guest(sm: Sm, guest: tuple[Path, Path], name: str) -> tuple[dict[str, 
     serial = sm.serial(name)
     serial.wait_for(r"^ready\r?$")
     return sm("status", name, "--json").json(), serial
-
-
-async def wait_serial(serial: Serial, pattern: str, since: int = 0, timeout: float = 60) -> re.Match[str]:
-    return await asyncio.to_thread(serial.wait_for, pattern, since, timeout)
-
-
-async def screendump(m: Machine, path: Path) -> tuple[int, int, bytes]:
-    """QEMU's own picture of the screen: width, height, RGB bytes."""
-    await m.run("screendump", {"filename": str(path), "format": "ppm"})
-    data = path.read_bytes()
-    path.unlink()
-    magic, width, height, depth, pixels = data.split(maxsplit=4)
-    assert (magic, depth) == (b"P6", b"255")
-    return int(width), int(height), pixels
-
-
-async def assert_matches_screendump(client: RfbClient, events: Events, m: Machine, path: Path) -> None:
-    """With the guest stopped, a full update must equal QEMU's screendump byte for byte."""
-    await m.run("stop")
-    try:
-        for attempt in range(20):  # QEMU's VNC copy of the screen catches up within its refresh interval
-            await asyncio.sleep(0.2)
-            def full_update(since: int = len(events.updates)) -> bool:
-                return (0, 0, client.width, client.height) in events.updates[since:]
-            client.request_full_update()
-            await until(full_update, "a full update")
-            width, height, rgb = await screendump(m, path)
-            fb = client.framebuffer
-            assert (width, height) == (client.width, client.height)
-            if rgb[0::3] == fb[2::4] and rgb[1::3] == fb[1::4] and rgb[2::3] == fb[0::4]:
-                return
-        raise AssertionError(f"the framebuffer never matched QEMU's screendump ({attempt + 1} tries)")
-    finally:
-        await m.run("cont")
 
 
 @dataclass
@@ -565,9 +480,7 @@ def xvnc(tmp_path: Path) -> Iterator[Callable[..., Xvnc]]:
         if password is None:
             argv += ["-rfbport", "-1", "-SecurityTypes", "None"]
         else:
-            with socket.socket() as s:  # a free loopback port
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            port = free_port()
             passwd = tmp_path / "passwd"
             passwd.write_bytes(subprocess.run(["vncpasswd", "-f"], input=password.encode(), capture_output=True,
                                               check=True).stdout)

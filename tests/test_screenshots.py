@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Sm, Xvfb
+from helpers import ROOT
+from helpers.cli import Sm
+from helpers.x11 import Xvfb
 from PySide6.QtGui import QImage
 
 
@@ -44,7 +46,8 @@ def test_screenshots(sm: Sm, guest: tuple[Path, Path], xvfb: Xvfb, tmp_path: Pat
     try:
         time.sleep(1)
         assert trayer.poll() is None, "trayer exited"
-        shot = subprocess.run([sys.executable, str(ROOT / "tests" / "shoot.py"), str(sm.home), "desktop", str(out)],
+        shoot = ROOT / "tests" / "helpers" / "shoot.py"
+        shot = subprocess.run([sys.executable, str(shoot), str(sm.home), "desktop", str(out)],
                               env={**xvfb.env, "SESSION_MANAGER_ACCEL": "tcg"}, cwd=ROOT, capture_output=True,
                               text=True, timeout=180)
     finally:

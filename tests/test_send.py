@@ -8,8 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import Serial, two_checkpoints
-from test_peers import one_sentence, paired_homes, serving
+from helpers.cli import one_sentence
+from helpers.net import paired_homes, serving
+from helpers.qemu import Serial, two_checkpoints
 
 from session_manager.store.backend import LocalBackend
 

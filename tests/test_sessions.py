@@ -7,7 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Serial, Sm, seq_records
+from helpers.cli import Sm
+from helpers.qemu import Serial, seq_records
 
 pytestmark = pytest.mark.qemu
 

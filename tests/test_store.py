@@ -15,7 +15,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from test_stream import Synthetic, fill_data, reader, record_stream, recorded_streams
+from helpers import ROOT
+from helpers.store import assert_consistent, ingest, pack_of, stream_of, synthetic_stream
+from helpers.stream import fill_data, reader, record_stream
 
 from session_manager.errors import (
     CorruptionError,
@@ -30,29 +32,7 @@ from session_manager.store.repo import CheckpointInfo, Repository
 from session_manager.store.writer import CHUNK_SIZE, MAP_RANGE
 from session_manager.vm.stream import PAGE_SIZE, iter_segments
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
 # -- helpers ------------------------------------------------------------------------------------------
-
-
-def ingest(repo: Repository, data: bytes, session: str = "s", parent: str | None = None,
-           created: datetime | None = None, meta: dict | None = None) -> CheckpointInfo:
-    with repo.writer(session=session, parent=parent) as w:
-        w.add_memory(iter_segments(reader(data)))
-        return w.commit(meta or {"kind": "auto"}, created=created)
-
-
-def stream_of(repo: Repository, ckpt: CheckpointInfo | str) -> bytes:
-    return b"".join(repo.memory_stream(ckpt))
-
-
-def synthetic_stream(pages: list[bytes | None], state: bytes = b"device state") -> bytes:
-    """A valid stream whose RAM pages are ``pages`` (None: a zero page) at consecutive addresses."""
-    s = Synthetic(blocks={b"pc.ram": max(len(pages), 1) * PAGE_SIZE}).section(0x01).section(0x02)
-    for i, p in enumerate(pages):
-        s.page(b"pc.ram", i * PAGE_SIZE, p)
-    return s.end().devices(state)
 
 
 def random_pages(n: int, seed: int) -> list[bytes]:
@@ -119,21 +99,6 @@ def run_script(tmp_path: Path, *args: str, kill_at: str = "") -> subprocess.Comp
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KILL_AT": kill_at}
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=300)
-
-
-def assert_consistent(repo: Repository, expected: dict[str, bytes]) -> None:
-    """check() is clean and exactly the expected checkpoints exist and restore byte for byte."""
-    report = repo.check(read_data=True)
-    assert report.ok, report.summary()
-    assert {c.id for c in repo.checkpoints()} == set(expected)
-    for ckpt_id, data in expected.items():
-        repo.verify(ckpt_id)
-        assert stream_of(repo, ckpt_id) == data
-
-
-@pytest.fixture(scope="session")
-def qemu_streams(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return recorded_streams(tmp_path_factory)
 
 
 # -- round trips ------------------------------------------------------------------------------------------
@@ -381,17 +346,6 @@ def damaged_repo(tmp_path: Path) -> tuple[Repository, CheckpointInfo, Checkpoint
     return repo, a, b
 
 
-def pack_of(repo: Repository, ckpt: CheckpointInfo) -> tuple[Path, int]:
-    """The pack holding the checkpoint's last page (only it uses that pack), and where in it."""
-    from session_manager.store.codec import decode_segment
-    table = repo._index()
-    segments = repo._fetch(table, repo._segments(ckpt), "test")
-    page_id = [ids[-1] for _, _, ids in (decode_segment(s, "test") for s in segments) if ids][-1]
-    pos = table.find(page_id)
-    pack = table.packs[table.pack[pos]]
-    return repo.backend.root / "data" / pack[:2] / pack, table.offset[pos]
-
-
 def test_flipped_byte_is_found(tmp_path: Path) -> None:
     repo, a, b = damaged_repo(tmp_path)
     pack, offset = pack_of(repo, b)
@@ -603,7 +557,8 @@ def test_one_damaged_object_costs_only_what_it_holds(tmp_path: Path, memory_keyr
     }[kind]
     if kind == "lock":  # no lock outlives its holder: one left behind, then damaged
         victim.parent.mkdir(exist_ok=True)
-        victim.write_bytes(encode(repo.master, f"locks/{victim.name}".encode(), b'{"time": "2026-01-01T00:00:00+00:00"}'))
+        victim.write_bytes(encode(repo.master, f"locks/{victim.name}".encode(),
+                                  b'{"time": "2026-01-01T00:00:00+00:00"}'))
     if damage == "flip":
         data = bytearray(victim.read_bytes())
         data[len(data) // 2] ^= 0x40

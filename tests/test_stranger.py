@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from conftest import Sm
-from test_peers import log_text, serving
+from helpers.cli import Sm, log_text
+from helpers.net import serving
 
 from session_manager.net.agent import MAX_PER_ADDRESS, TIMEOUT
 from session_manager.net.identity import certificate, fingerprint
@@ -106,7 +106,8 @@ def test_pairing_requests_are_bounded_and_nothing_forges_the_log(tmp_path: Path)
 def test_a_malformed_request_gets_one_line_and_the_agent_goes_on(tmp_path: Path) -> None:
     b = Sm(tmp_path / "b")
     with serving(b) as port:
-        for bad in (b"[" * 200_000 + b"]" * 200_000, b"{\"call\": 5}", b"\xff\xfe", b"{\"call\": \"hello\", \"args\": []}"):
+        for bad in (b"[" * 200_000 + b"]" * 200_000, b"{\"call\": 5}", b"\xff\xfe",
+                    b"{\"call\": \"hello\", \"args\": []}"):
             with tls(port) as sock:
                 sock.sendall(bad[:(1 << 20) - 1] + b"\n")
                 answer = json.loads(sock.makefile("rb").readline())

@@ -2,49 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import Serial, Sm
-
-from session_manager.vm.machine import Machine, Sockets
+from helpers.cli import Sm
+from helpers.qemu import Serial, SessionQmp
 
 pytestmark = pytest.mark.qemu
-
-
-class Qmp:
-    """One QMP command per connection, so the test itself stays synchronous."""
-
-    def __init__(self, sm: Sm, name: str) -> None:
-        self.sockets = Sockets(Path(sm("status", name, "--json").json()["qmp_socket"]).parent)
-
-    def __call__(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        async def go() -> Any:
-            async with Machine.connect(self.sockets) as m:
-                return await m.run(cmd, args)
-        return asyncio.run(go())
-
-    def pointer(self, x: int | None = None, y: int | None = None, left: bool | None = None) -> None:
-        events: list[dict[str, Any]] = [{"type": "abs", "data": {"axis": axis, "value": v}}
-                                        for axis, v in (("x", x), ("y", y)) if v is not None]
-        if left is not None:
-            events.append({"type": "btn", "data": {"down": left, "button": "left"}})
-        self("input-send-event", {"events": events})
-
-    def type_upper(self, letter: str) -> None:
-        self("send-key", {"keys": [{"type": "qcode", "data": "shift"}, {"type": "qcode", "data": letter}]})
-
-    def screen(self, tmp: Path) -> tuple[int, int, bytes]:
-        """Width, height and RGB bytes of the screen."""
-        path = tmp / "screen.ppm"
-        self("screendump", {"filename": str(path), "format": "ppm"})
-        magic, size, _maxval, rgb = path.read_bytes().split(b"\n", 3)
-        assert magic == b"P6"
-        width, height = map(int, size.split())
-        return width, height, rgb
 
 
 def changed(a: bytes, b: bytes) -> float:
@@ -53,12 +18,12 @@ def changed(a: bytes, b: bytes) -> float:
     return sum(a[i:i + 3] != b[i:i + 3] for i in range(0, len(a), 3)) / (len(a) // 3)
 
 
-def booted(sm: Sm, guest: tuple[Path, Path], name: str) -> tuple[Serial, Qmp]:
+def booted(sm: Sm, guest: tuple[Path, Path], name: str) -> tuple[Serial, SessionQmp]:
     sm.new_guest(name, guest)
     sm("start", name)
     serial = sm.serial(name)
     serial.wait_for(r"^ready")
-    return serial, Qmp(sm, name)
+    return serial, SessionQmp(sm, name)
 
 
 def test_tablet_positions_and_left_clicks_are_echoed(sm: Sm, guest: tuple[Path, Path]) -> None:

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from pathlib import Path
 
-from conftest import Sm
+from helpers.cli import Sm
+from helpers.net import pair_by_ids, serving
 from PySide6.QtCore import QPoint
-from test_peers import pair_by_ids, serving
 
 from session_manager.local.engine import Engine
 from session_manager.net.peers import Peers
 from session_manager.paths import Home
-from session_manager.services.reachability import PeerReachability
+from session_manager.services.reachability import INTERVAL, PeerReachability
 from session_manager.services.session_service import SessionService
 from session_manager.ui.tray import Tray
 
@@ -32,7 +31,8 @@ def test_migrate_to_offers_the_reachable_paired_machines(tmp_path: Path, guest: 
     Peers(home).add(dataclasses.replace(Peers(home).get("a"), name="c"))  # ...renamed
     me.new_guest("desk", guest)
     service = SessionService(Engine(home), "desk")
-    peers = PeerReachability(home, interval=1.0)
+    clock = [1000.0]  # seconds, as time.monotonic() counts them
+    peers = PeerReachability(home, clock=lambda: clock[0])
     with serving(b, f"127.0.0.1:{port_b}"):
         tray = Tray(service, peers, "Ctrl+Alt+S")
         tray.menu.popup(QPoint(0, 0))
@@ -50,7 +50,7 @@ def test_migrate_to_offers_the_reachable_paired_machines(tmp_path: Path, guest: 
         assert peers._task is checked and items(tray)[1] == ("c — not reachable", False)
 
         with serving(c, f"127.0.0.1:{port_c}"):
-            aloop.run_until_complete(asyncio.sleep(1.0))  # the results expire
+            clock[0] += INTERVAL  # the results expire
             tray.rebuild()
             aloop.run_until_complete(peers._task)  # type: ignore[arg-type]
             assert items(tray) == [(f"b (127.0.0.1:{port_b})", True), (f"c (127.0.0.1:{port_c})", True)]

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import GUEST_CACHE, ROOT, Sm
+from helpers import GUEST_CACHE, ROOT
+from helpers.cli import Sm
 
 pytestmark = [
     pytest.mark.qemu,
