@@ -46,8 +46,7 @@ def test_screenshots(sm: Sm, guest: tuple[Path, Path], xvfb: Xvfb, tmp_path: Pat
     try:
         time.sleep(1)
         assert trayer.poll() is None, "trayer exited"
-        shoot = ROOT / "tests" / "helpers" / "shoot.py"
-        shot = subprocess.run([sys.executable, str(shoot), str(sm.home), "desktop", str(out)],
+        shot = subprocess.run([sys.executable, str(ROOT / "tests" / "shoot.py"), str(sm.home), "desktop", str(out)],
                               env={**xvfb.env, "SESSION_MANAGER_ACCEL": "tcg"}, cwd=ROOT, capture_output=True,
                               text=True, timeout=180)
     finally:

@@ -16,13 +16,13 @@ only fixtures and hooks (built on these).
 - rfb: an RFB client's ``Events``, ``type_text``, ``screendump``, ``assert_matches_screendump``, ``wait_serial``.
 - x11: ``Xvfb`` (what the xvfb fixture yields) and ``xlib_display``.
 - aio: ``until``, awaiting a condition.
-- shoot: a script, not a module to import: tests/test_screenshots.py runs it to take the app's screenshots.
 
 ROOT (the checkout) and GUEST_CACHE (where the test guest is built) are here.
 
 Imported as ``helpers`` (``from helpers.cli import Sm``): pytest puts tests/ on sys.path for conftest.py (tests/ is
 no package), as the benchmarks do by hand.  tests/s3server.py and tests/qemu_tls.py only re-export for the
-benchmarks.
+benchmarks.  Scripts stay out of this directory (tests/shoot.py): run as a script, a file here would have this
+directory on sys.path, where helpers/qemu.py hides the qemu package (qemu.qmp).
 """
 
 from __future__ import annotations

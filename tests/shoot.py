@@ -1,6 +1,6 @@
 """Screenshots of the app for docs/screenshots: run by tests/test_screenshots.py on Xvfb with a tray.
 
-Usage: python tests/helpers/shoot.py HOME SESSION OUT_DIR   (DISPLAY and QT_QPA_PLATFORM=xcb set by the caller)
+Usage: python tests/shoot.py HOME SESSION OUT_DIR   (DISPLAY and QT_QPA_PLATFORM=xcb set by the caller)
 Prints one JSON line: what it wrote and whether a system tray was there.
 """
 
