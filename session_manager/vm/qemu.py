@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import QemuError
+from ..files import atomic_write
 from .machine import DISK_DEVICE, Sockets, node_name
 
 log = logging.getLogger(__name__)
@@ -162,10 +163,7 @@ def choose_accelerator(cache_dir: Path, qemu: Qemu) -> Accel:
     else:
         accel = probe(qemu, "kvm")
     with contextlib.suppress(OSError):  # an unwritable cache only costs the next start another probe
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "name": accel.name, "reason": accel.reason}))
-        os.replace(tmp, cache_file)
+        atomic_write(cache_file, json.dumps({"key": key, "name": accel.name, "reason": accel.reason}).encode())
     return accel
 
 
