@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/backup.py [--memory 1536] [--fill 1200] [--dirty 4] [--window 32] [--gap 10] \\
         [--autosaves 5] [--dump FILE]
 
-A real SeaweedFS (`weed mini`, tests/s3server.py) on loopback; the test guest with its work-rate
+A real SeaweedFS (`weed mini`, tests/helpers/s3server.py) on loopback; the test guest with its work-rate
 meter on (sm.work=1: a shell loop in the guest prints `work N`, its iterations per second, every
 second).  The session is autosaved ``--autosaves`` times, ``--gap`` seconds apart (the same code
 path as the app's autosave: Autosaver.save, kind "autosave"), each autosave then pushed to the
@@ -40,10 +40,10 @@ os.environ.setdefault("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
 
 import obstore
 from obstore.store import S3Store
-from s3server import S3Server, s3_server
 
 from benchmarks.checkpoint import wait_migrated
 from benchmarks.common import guest_arguments, machine_line, wait_serial
+from helpers.s3server import S3Server, s3_server
 from session_manager.cli import _setup_logging
 from session_manager.guests.testguest import build
 from session_manager.local.autosave import AutosavePolicy, Autosaver

@@ -36,9 +36,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-from qemu_tls import self_signed, tls_dir
-
 from benchmarks.common import default_qemus, guest_arguments, machine_line, print_table, wait_serial
+from helpers.qemu import self_signed, tls_dir
 from session_manager.cli import _setup_logging
 from session_manager.guests.testguest import build
 from session_manager.local.engine import Engine

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import keyring
 import pytest
+from keyring.backends import fail
+
 from helpers import GUEST_CACHE, s3server
 from helpers.cli import Sm
 from helpers.s3server import S3Server
 from helpers.store import MemoryKeyring
 from helpers.x11 import Xvfb
-from keyring.backends import fail
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # widget tests need no display; Xvfb tests set their own
 

@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
+from PySide6.QtCore import QMimeData, QPointF, Qt
+from PySide6.QtGui import QDropEvent
+from PySide6.QtWidgets import QPushButton
+
 from helpers import ROOT
 from helpers.aio import until
 from helpers.cli import Sm
 from helpers.net import paired_homes
 from helpers.qemu import Serial
-from PySide6.QtCore import QMimeData, QPointF, Qt
-from PySide6.QtGui import QDropEvent
-from PySide6.QtWidgets import QPushButton
-
 from session_manager.app import App, _create
 from session_manager.local.engine import Engine
 from session_manager.local.settings import Settings
@@ -87,10 +87,10 @@ def test_shortcut_checkpoints_and_dropping_it_rolls_back(sm: Sm, guest: tuple[Pa
         start = serial.last_start()
         await until(lambda: len(serial.counters(start)) >= 2, "the guest counting after the restore", 60)
         after = serial.counters(start)[0]
-        assert ckpt.meta["kind"] == "manual"
+        assert ckpt.meta.kind == "manual"
         assert after <= at + 2 < before, (at, before, after)
         await until(lambda: not service.busy, "the restore finishing", 30)
-        kinds = sorted(c.meta["kind"] for c in service.checkpoints)
+        kinds = sorted(str(c.meta.kind) for c in service.checkpoints)
         assert kinds == ["manual", "manual", "pre-restore"]  # the replaced state was kept
         assert service.head == ckpt.id
         await until(lambda: window.viewer.is_connected(), "the viewer reconnecting after the restore", 30)

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+
 from helpers.cli import Sm, log_text, wait_log
 from helpers.qemu import Serial, SessionQmp
-
 from session_manager.errors import QemuError, UsageError
 from session_manager.local.autosave import KIND, AutosavePolicy, Autosaver, duration
 from session_manager.local.daemon import Daemon
@@ -26,7 +26,7 @@ from session_manager.local.engine import Engine
 from session_manager.local.settings import Settings
 from session_manager.paths import Home
 from session_manager.store.backend import LocalBackend
-from session_manager.store.repo import Repository
+from session_manager.store.repo import CheckpointMeta, Repository
 
 # -- the policy ------------------------------------------------------------------------------------------------
 
@@ -63,12 +63,12 @@ def test_forget_with_kinds_thins_only_those(tmp_path: Path) -> None:
     made = []
     for i, kind in enumerate(kinds):
         with repo.writer(session="s") as w:
-            made.append(w.commit({"kind": kind}, created=start + timedelta(minutes=2 * i)))
+            made.append(w.commit(CheckpointMeta(kind=kind), created=start + timedelta(minutes=2 * i)))
     repo.annotate(made[0], pinned=True)
     removed = repo.forget("s", keep_last=2, keep_ids=[made[4].id], kinds=("autosave",))
     # The newest two autosaves, the pinned one, the one asked for and every other kind stay.
     assert {c.id for c in removed} == {made[2].id}
-    assert [c.meta["kind"] for c in repo.checkpoints("s")] == [k for i, k in enumerate(kinds) if i != 2]
+    assert [c.meta.kind for c in repo.checkpoints("s")] == [k for i, k in enumerate(kinds) if i != 2]
 
 
 # -- the autosaver, with a fake engine --------------------------------------------------------------------------
@@ -111,7 +111,7 @@ class FakeEngine:
             raise self.fail
         self.taken.append((name, kind))
         self.touch(name, self.clock[0])  # as the engine's state file changes with every checkpoint
-        return SimpleNamespace(id=f"{len(self.taken):064x}", meta={"kind": kind, "pause_ms": 1.0})
+        return SimpleNamespace(id=f"{len(self.taken):064x}", meta=CheckpointMeta(kind=kind, pause_ms=1.0))
 
     def forget(self, name: str, **rules: Any) -> list[str]:
         self.forgets.append((name, rules))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from helpers.net import free_port
 from helpers.s3server import S3Server
-
 from session_manager.errors import CorruptionError, NotFoundError, RepositoryError, UsageError
 from session_manager.store.backend import AlreadyExistsError, Backend, LocalBackend
 

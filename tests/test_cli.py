@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers.cli import Sm
 
+from helpers.cli import Sm, one_sentence
 from session_manager.vm.qemu import boot_id, choose_accelerator, find_qemu, probe, qemu_path
 
 pytestmark = pytest.mark.qemu
@@ -52,6 +52,13 @@ def test_repository_commands(sm: Sm, guest: tuple[Path, Path]) -> None:
     assert forgot == [ids[1]]  # the pinned one and the last one stay
     assert [c["id"] for c in sm("checkpoints", "repo", "--json").json()] == [ids[0], ids[2]]
     assert sm("check", "--read-data").returncode == 0
+    # One checkpoint by hand: never a pinned one, nor the one the running session continues from.
+    one_sentence(sm("delete-checkpoint", "repo", ids[0], check=False), "pinned", "unpin it first")
+    one_sentence(sm("delete-checkpoint", "repo", ids[2], check=False), "continues from", ids[2][:8])
+    newest = sm("checkpoint", "repo", "--json").json()["id"]  # the session now continues from this one
+    assert sm("delete-checkpoint", "repo", ids[2][:8], "--json").json() == {"deleted": ids[2]}
+    assert [c["id"] for c in sm("checkpoints", "repo", "--json").json()] == [ids[0], newest]
+    one_sentence(sm("delete-checkpoint", "repo", ids[2], check=False), "does not exist")
 
 
 def test_damaged_checkpoint_is_refused_before_qemu_sees_a_byte(sm: Sm, guest: tuple[Path, Path]) -> None:

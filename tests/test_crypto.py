@@ -15,16 +15,16 @@ from pathlib import Path
 import blake3
 import keyring
 import pytest
+
 from helpers import ROOT
 from helpers.cli import Sm
 from helpers.store import MemoryKeyring, ingest, noise_pages, pack_of, stream_of, synthetic_stream
 from helpers.stream import reader
-
 from session_manager import keychain
 from session_manager.errors import CorruptionError, RepositoryError, UsageError
 from session_manager.store import keys
 from session_manager.store.codec import decode, encode
-from session_manager.store.repo import Repository
+from session_manager.store.repo import CheckpointMeta, Repository
 from session_manager.vm.stream import iter_segments
 
 
@@ -47,9 +47,9 @@ def test_nothing_readable_on_disk(tmp_path: Path) -> None:
     with repo.writer(session="secret-session-name") as w:
         w.add_memory(iter_segments(reader(data)))
         w.set_thumbnail(b"\x89PNG secret thumbnail")
-        ckpt = w.commit({"note": "secret note"})
+        ckpt = w.commit(CheckpointMeta(note="secret note"))
     repo.annotate(ckpt, note="secret annotation")
-    with repo._lock(False, "reading the secret session"):
+    with repo.objects.lock(False, "reading the secret session"):
         disk = all_bytes(root)
     assert stream_of(repo, ckpt) == data and repo.thumbnail(ckpt) == b"\x89PNG secret thumbnail"
     for secret in (b"secret", b"device state", b"SMS1", b"SMI1", b"SMP1", b"SMM1"):
@@ -70,7 +70,7 @@ def test_keyed_ids_deduplicate(tmp_path: Path) -> None:
     data = synthetic_stream([page, page, page])
     with repo.writer(session="s") as w:
         stats = w.add_memory(iter_segments(reader(data)))
-        w.commit({})
+        w.commit(CheckpointMeta())
     assert stats.pages == 3 and stats.new_pages == 1
     second = ingest(repo, data)
     assert second.added_bytes == 0 and stream_of(repo, second) == data

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from helpers.cli import Sm, one_sentence
 
 pytestmark = pytest.mark.qemu

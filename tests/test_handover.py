@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from PySide6.QtCore import Qt
+
 from helpers.aio import until
 from helpers.cli import Sm, log_text, wait_log
 from helpers.net import paired_homes, serving
 from helpers.qemu import Serial
 from helpers.rfb import Events, assert_matches_screendump, type_text, wait_serial
-from PySide6.QtCore import Qt
-
 from session_manager.app import App
 from session_manager.errors import PeerError
 from session_manager.local.engine import Engine

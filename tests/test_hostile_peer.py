@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from helpers import GUEST_CACHE
 from helpers.cli import Sm
 from helpers.net import pair_by_ids, paired_homes, serving
-
 from session_manager.errors import PeerError
 from session_manager.net.agent import connect
 from session_manager.net.peers import Peers

@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.x11 import Xvfb, xlib_display
 from Xlib import XK, X
 from Xlib.display import Display
 from Xlib.error import BadAccess, CatchError
 
+from helpers.x11 import Xvfb, xlib_display
 from session_manager.errors import UsageError
 from session_manager.ui import hotkey
 from session_manager.ui.hotkey import GlobalHotkey, parse_sequence

@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers.cli import Sm
 
+from helpers.cli import Sm
 from session_manager.local.engine import MAX_CHAIN
 
 

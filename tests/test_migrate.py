@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from helpers import ROOT
 from helpers.cli import Sm
 from helpers.net import free_ports
@@ -33,7 +34,6 @@ from helpers.qemu import (
     start_source,
     tls_dir,
 )
-
 from session_manager.local.sessions import Session
 from session_manager.paths import Home
 from session_manager.vm.disk import create_blank, image_info, new_layer_name

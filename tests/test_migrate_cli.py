@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from helpers.cli import log_text, one_sentence
 from helpers.net import paired_homes, serving
 from helpers.qemu import Serial, keeps_running

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from helpers.cli import Run, one_sentence
 from helpers.net import NsSm, pair_by_ids, serving
 from helpers.qemu import PATTERN_LEN, Serial, Source, keeps_running, pattern_intact, start_source
-
 from session_manager.local.sessions import Session
 from session_manager.paths import Home
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from helpers.cli import Sm, log_text, one_sentence, wait_log
 from helpers.net import NsSm, free_port, my_id, pair_by_ids, serving
 from helpers.qemu import QmpClient
-
 from session_manager.errors import PeerError, UsageError
 from session_manager.net.agent import Agent, Call, _open, connect
 from session_manager.net.identity import TLS_HOSTNAME, load_identity, matches, short_id, write_qemu_tls_dir

@@ -9,11 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from helpers import ROOT
 from helpers.cli import Sm, one_sentence
 from helpers.net import paired_homes, serving
 from helpers.qemu import Serial, keeps_running
-
 from session_manager.vm.qemu import Qemu, cannot_load, find_qemu, machine_type, release
 
 

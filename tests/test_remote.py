@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+
 from helpers.aio import until
 from helpers.cli import Sm
 from helpers.net import free_port
 from helpers.qemu import Serial, two_checkpoints
 from helpers.s3server import S3Server
 from helpers.store import assert_consistent, ingest, noise_pages, synthetic_stream
-
 from session_manager.errors import CorruptionError, RepositoryError, UsageError
 from session_manager.keychain import KeyringUnavailable
 from session_manager.net.remotes import KEY_ENV, SECRET_ENV, Credentials, Remote, Remotes, local_target, normalize_url

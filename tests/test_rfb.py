@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from helpers.aio import until
 from helpers.cli import Sm
 from helpers.net import free_port
 from helpers.qemu import Serial
 from helpers.rfb import SCANCODES, Events, assert_matches_screendump, tap, type_text, wait_serial
 from helpers.x11 import xlib_display
-
 from session_manager.rfb import (
     LOCAL_ENCODINGS,
     NETWORK_ENCODINGS,

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from PySide6.QtGui import QImage
+
 from helpers import ROOT
 from helpers.cli import Sm
 from helpers.x11 import Xvfb
-from PySide6.QtGui import QImage
 
 
 def distinct_colours(image: QImage) -> int:

@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from helpers.cli import one_sentence
 from helpers.net import paired_homes, serving
 from helpers.qemu import Serial, two_checkpoints
-
 from session_manager.store.backend import LocalBackend
 
 pytestmark = pytest.mark.qemu

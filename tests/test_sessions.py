@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from helpers.cli import Sm
 from helpers.qemu import Serial, seq_records
 

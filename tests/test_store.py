@@ -15,10 +15,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+
 from helpers import ROOT
 from helpers.store import assert_consistent, ingest, pack_of, stream_of, synthetic_stream
 from helpers.stream import fill_data, reader, record_stream
-
 from session_manager.errors import (
     CorruptionError,
     NotFoundError,
@@ -28,7 +28,7 @@ from session_manager.errors import (
 )
 from session_manager.store import maintenance, writer
 from session_manager.store.codec import decode, encode
-from session_manager.store.repo import CheckpointInfo, Repository
+from session_manager.store.repo import CheckpointInfo, CheckpointMeta, Repository
 from session_manager.store.writer import CHUNK_SIZE, MAP_RANGE
 from session_manager.vm.stream import PAGE_SIZE, iter_segments
 
@@ -88,7 +88,7 @@ SCRIPT = textwrap.dedent("""
     if sys.argv[2] == "ingest":
         with open(sys.argv[3], "rb") as f, repo.writer(session=sys.argv[4]) as w:
             w.add_memory(iter_segments(f.read))
-            print(w.commit({"kind": "auto"}).id)
+            print(w.commit(R.CheckpointMeta(kind="auto")).id)
     else:
         repo.prune()
 """)
@@ -136,7 +136,7 @@ def test_second_checkpoint_of_a_barely_changed_guest_adds_little(tmp_path: Path)
     a = ingest(repo, first)
     with repo.writer(session="s", parent=a.id) as w:
         stats = w.add_memory(iter_segments(reader(second)))
-        b = w.commit({"kind": "auto"})
+        b = w.commit(CheckpointMeta(kind="auto"))
     assert stream_of(repo, b) == second and stream_of(repo, a) == first
     assert stats.new_pages == len(changed)
     # Bound from what changed: the new pages, plus the segments that differ (stored raw at worst).
@@ -160,7 +160,7 @@ def test_disk_round_trip_with_parent(tmp_path: Path) -> None:
     disk[last] = rnd.randbytes(1000)
     with repo.writer(session="d") as w:
         w.add_disk(size, sorted(disk.items()) + [(7, bytes(CHUNK_SIZE))], base=None)
-        a = w.commit({})
+        a = w.commit(CheckpointMeta())
     assert repo.disk_size(a) == size
     assert dict(repo.disk_chunks(a)) == disk
     # A child: one chunk changed, one zeroed, one new; unchanged map ranges are shared.
@@ -170,7 +170,7 @@ def test_disk_round_trip_with_parent(tmp_path: Path) -> None:
     child[9] = rnd.randbytes(CHUNK_SIZE)
     with repo.writer(session="d", parent=a.id) as w:
         added = w.add_disk(size, [(5, child[5]), (0, bytes(CHUNK_SIZE)), (9, child[9])], base=a.id)
-        b = w.commit({})
+        b = w.commit(CheckpointMeta())
     assert list(repo.disk_chunks(b)) == sorted(child.items())
     assert dict(repo.disk_chunks(a)) == disk
     assert added < 3 * CHUNK_SIZE + 4 * 2 ** 10 * 40
@@ -179,7 +179,7 @@ def test_disk_round_trip_with_parent(tmp_path: Path) -> None:
     # Shrinking the disk drops the chunks beyond its end.
     with repo.writer(session="d", parent=b.id) as w:
         w.add_disk(MAP_RANGE * CHUNK_SIZE + 2 * CHUNK_SIZE, [], base=b.id)
-        c = w.commit({})
+        c = w.commit(CheckpointMeta())
     assert dict(repo.disk_chunks(c)) == {i: d for i, d in child.items() if i < MAP_RANGE + 2}
     with pytest.raises(ValueError):
         with repo.writer(session="d") as w:
@@ -192,12 +192,12 @@ def test_thumbnail_annotations_and_lookup(tmp_path: Path) -> None:
     repo = Repository.open(tmp_path / "repo", create=True)
     with repo.writer(session="t") as w:
         w.set_thumbnail(b"\x89PNG fake")
-        a = w.commit({"note": "first", "kind": "manual"})
+        a = w.commit(CheckpointMeta(note="first", kind="manual"))
     assert repo.thumbnail(a) == b"\x89PNG fake"
     assert a.note == "first" and not a.pinned
     repo.annotate(a, note="renamed")
     got = repo.annotate(a.id, pinned=True)
-    assert got.note == "renamed" and got.pinned and got.meta["kind"] == "manual"
+    assert got.note == "renamed" and got.pinned and got.meta.kind == "manual"
     assert repo.get(a.id[:6]).pinned
     assert repo.checkpoints("t")[0].note == "renamed"
     name = f"checkpoints/{a.id}"
@@ -208,7 +208,7 @@ def test_thumbnail_annotations_and_lookup(tmp_path: Path) -> None:
         repo.get("../config")
     for _ in range(40):
         with repo.writer(session="t") as w:
-            w.commit({})
+            w.commit(CheckpointMeta())
     prefixes = [c.id[:1] for c in repo.checkpoints()]
     common = max(set(prefixes), key=prefixes.count)
     with pytest.raises(NotFoundError, match="ambiguous"):
@@ -413,7 +413,7 @@ def test_stale_locks_are_ignored(tmp_path: Path) -> None:
     live = {"exclusive": True, "host": "elsewhere", "pid": 1, "time": now, "purpose": "prune"}
     repo.backend.save("locks/live", encode(repo.master, b"locks/live", json.dumps(live).encode()))
     with pytest.raises(RepositoryError, match="locked by prune"):
-        repo._lock(False, "test", wait=0.2)
+        repo.objects.lock(False, "test", wait=0.2)
 
 
 # -- forget and du -----------------------------------------------------------------------------------------
@@ -426,9 +426,9 @@ def test_forget_rules(tmp_path: Path) -> None:
     for h in range(0, 24 * 10, 5):  # every 5 hours for 10 days
         kind = "manual" if h == 30 else "auto"
         with repo.writer(session="f") as w:
-            made.append(w.commit({"kind": kind}, created=start + timedelta(hours=h)))
+            made.append(w.commit(CheckpointMeta(kind=kind), created=start + timedelta(hours=h)))
     with repo.writer(session="other") as w:
-        other = w.commit({"kind": "auto"}, created=start)
+        other = w.commit(CheckpointMeta(kind="auto"), created=start)
     repo.annotate(made[1], pinned=True)
     with pytest.raises(UsageError):
         repo.forget("f")
@@ -525,7 +525,7 @@ def test_a_damaged_manifest_a_stray_file_or_a_damaged_pin_hide_only_themselves(t
 
     fresh = Repository.open(root)
     assert [c.id for c in fresh.checkpoints()] == [a1.id, a2.id]  # b's is hidden; everything else works
-    assert fresh.checkpoints("a")[0].meta["pinned"] is True  # a damaged pin keeps the checkpoint, never unpins it
+    assert fresh.checkpoints("a")[0].pinned is True  # a damaged pin keeps the checkpoint, never unpins it
     assert [c.id for c in fresh.forget("a", keep_last=1, keep_manual=False)] == []  # the formerly pinned one stays
     report = fresh.check(read_data=True)  # reports every damaged object, never raises
     assert not report.ok and report.damaged == sorted([b1.id, "stray"])
@@ -579,7 +579,7 @@ def test_one_damaged_object_costs_only_what_it_holds(tmp_path: Path, memory_keyr
         # (a checkpoint exists exactly when its manifest does: one that is gone was forgotten, not damaged)
         assert not report.ok and all(len(e.splitlines()) == 1 for e in report.errors)
     if kind == "annotation" and damage == "flip":
-        assert fresh.get(b.id).meta["pinned"] is True  # a damaged annotation keeps what it might have pinned
+        assert fresh.get(b.id).pinned is True  # a damaged annotation keeps what it might have pinned
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "missing"])

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from helpers.cli import Sm, log_text
 from helpers.net import serving
-
 from session_manager.net.agent import MAX_PER_ADDRESS, TIMEOUT
 from session_manager.net.identity import certificate, fingerprint
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.stream import Synthetic, be32, be64, fill_data, name, reader, record_stream
 
+from helpers.stream import Synthetic, be32, be64, fill_data, name, reader, record_stream
 from session_manager.errors import StreamFormatError
 from session_manager.vm.qemu import find_qemu, qemu_path, release
 from session_manager.vm.stream import PAGE_SIZE, SEGMENT_DATA_MAX, Segment, iter_segments

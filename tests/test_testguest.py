@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from helpers.cli import Sm
 from helpers.qemu import Serial, SessionQmp
 

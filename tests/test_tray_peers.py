@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from helpers.cli import Sm
-from helpers.net import pair_by_ids, serving
 from PySide6.QtCore import QPoint
 
+from helpers.cli import Sm
+from helpers.net import pair_by_ids, serving
 from session_manager.local.engine import Engine
 from session_manager.net.peers import Peers
 from session_manager.paths import Home

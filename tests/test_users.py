@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from helpers import GUEST_CACHE, ROOT
 from helpers.cli import Sm
 

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.cli import Sm
-from helpers.qemu import Serial
 from PySide6.QtCore import QEvent, QPoint, QPointF, Qt
 from PySide6.QtGui import QAction, QColor, QImage, QKeyEvent, QKeySequence, QMouseEvent, QWheelEvent
 from PySide6.QtWidgets import QApplication, QLineEdit, QWidget
 
+from helpers.cli import Sm
+from helpers.qemu import Serial
 from session_manager import rfb
 from session_manager.ui import keymap
 from session_manager.ui import viewer as viewer_module

@@ -11,16 +11,16 @@ import keyring.backend
 from keyring.errors import PasswordDeleteError
 
 from helpers.stream import Synthetic, reader
-from session_manager.store.repo import CheckpointInfo, Repository
+from session_manager.store.repo import CheckpointInfo, CheckpointMeta, Repository
 from session_manager.vm.stream import PAGE_SIZE, iter_segments
 
 
 def ingest(repo: Repository, data: bytes, session: str = "s", parent: str | None = None,
-           created: datetime | None = None, meta: dict | None = None) -> CheckpointInfo:
+           created: datetime | None = None, meta: CheckpointMeta | None = None) -> CheckpointInfo:
     """A checkpoint of the migration stream ``data``."""
     with repo.writer(session=session, parent=parent) as w:
         w.add_memory(iter_segments(reader(data)))
-        return w.commit(meta or {"kind": "auto"}, created=created)
+        return w.commit(meta or CheckpointMeta(kind="auto"), created=created)
 
 
 def stream_of(repo: Repository, ckpt: CheckpointInfo | str) -> bytes:
@@ -56,8 +56,8 @@ def assert_consistent(repo: Repository, expected: dict[str, bytes]) -> None:
 def pack_of(repo: Repository, ckpt: CheckpointInfo) -> tuple[Path, int]:
     """The pack holding the checkpoint's last page (only it uses that pack), and where in it."""
     from session_manager.store.codec import decode_segment
-    table = repo._index()
-    segments = repo._fetch(table, repo._segments(ckpt), "test")
+    table = repo.objects.index()
+    segments = repo.objects.fetch(table, repo.objects.segments(ckpt.id), "test")
     page_id = [ids[-1] for _, _, ids in (decode_segment(s, "test") for s in segments) if ids][-1]
     pos = table.find(page_id)
     pack = table.packs[table.pack[pos]]
