@@ -24,6 +24,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
+from helpers.stream import reader
 from session_manager.local.engine import Engine
 from session_manager.store import writer
 from session_manager.store.codec import FORMAT_VERSION, encode
@@ -327,7 +328,7 @@ def test_a_checkpoint_written_now_reads_as_documented_and_dedups_against_the_gol
     before = files(golden)
     # The same contents again: every blob (same ids, same segment and map plaintexts) is in a golden pack.
     with repo.writer(session="work", parent=B) as w:
-        w.add_memory(iter_segments(_reader(stream)))
+        w.add_memory(iter_segments(reader(stream)))
         w.add_disk(repo.disk_size(A), sorted(disk.items()), base=None)
         w.set_thumbnail(repo.thumbnail(A) or b"")
         d = w.commit(CheckpointMeta.from_json(meta))
@@ -340,7 +341,7 @@ def test_a_checkpoint_written_now_reads_as_documented_and_dedups_against_the_gol
     # One new disk chunk over A's disk: one new pack of that chunk and the new map, one new index file.
     new_chunk = bytes(range(256)) * (writer.CHUNK_SIZE // 256)
     with repo.writer(session="work", parent=A) as w:
-        w.add_memory(iter_segments(_reader(stream)))
+        w.add_memory(iter_segments(reader(stream)))
         w.add_disk(repo.disk_size(A), [(1, new_chunk)], base=A)
         e = w.commit(CheckpointMeta.from_json(meta))
     added = set(files(golden)) - set(before) - {f"checkpoints/{d.id}", f"checkpoints/{e.id}"}
@@ -358,14 +359,3 @@ def test_a_checkpoint_written_now_reads_as_documented_and_dedups_against_the_gol
     image[writer.CHUNK_SIZE:2 * writer.CHUNK_SIZE] = new_chunk
     assert g.disk(me) == bytes(image) == disk_image(repo, e.id)
     assert repo.check(read_data=True).ok
-
-
-def _reader(data: bytes) -> Any:
-    pos = 0
-
-    def read(n: int) -> bytes:
-        nonlocal pos
-        pos += n
-        return data[pos - n:pos]
-
-    return read

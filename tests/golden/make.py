@@ -30,6 +30,7 @@ import os
 import random
 import shutil
 import struct
+import sys
 import tempfile
 import zlib
 from dataclasses import asdict, dataclass
@@ -40,10 +41,12 @@ from typing import Any
 os.environ["PYTHON_KEYRING_BACKEND"] = "keyring.backends.fail.Keyring"  # never the user's keyring
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # tests/, for helpers
 
 import keyring  # noqa: E402
 from keyring.backends import fail  # noqa: E402
 
+from helpers.stream import be32, be64, name, reader  # noqa: E402
 from session_manager.store.records import CheckpointMeta  # noqa: E402
 from session_manager.store.repo import Repository  # noqa: E402
 from session_manager.store.writer import CHUNK_SIZE  # noqa: E402
@@ -57,37 +60,25 @@ DISK_SIZE = 3 * CHUNK_SIZE + 1000  # four chunks, the last one short
 # -- contents ------------------------------------------------------------------------------------------------------
 
 
-def _be32(n: int) -> bytes:
-    return struct.pack(">I", n)
-
-
-def _be64(n: int) -> bytes:
-    return struct.pack(">Q", n)
-
-
-def _name(s: bytes) -> bytes:
-    return bytes([len(s)]) + s
-
-
 def stream(pages: dict[int, bytes | None], state: bytes) -> bytes:
     """A QEMU migration stream (file version 3, as QEMU 7.2 writes it) of a guest whose pc.ram holds ``pages``
     (guest-physical address -> 4 KiB page, None: a zero page), then one device section holding ``state``."""
     ram = 4 << 20
-    out = bytearray(b"QEVM" + _be32(3) + b"\x07" + _be32(10) + b"pc-q35-7.2")
-    out += b"\x01" + _be32(2) + _name(b"ram") + _be32(0) + _be32(4)  # START "ram", instance 0, version 4
-    out += _be64(ram | 0x04) + _name(b"pc.ram") + _be64(ram)  # MEM_SIZE
-    out += _be64(0x10) + b"\x7e" + _be32(2)  # EOS, FOOTER
-    out += b"\x02" + _be32(2)  # PART
+    out = bytearray(b"QEVM" + be32(3) + b"\x07" + be32(10) + b"pc-q35-7.2")
+    out += b"\x01" + be32(2) + name(b"ram") + be32(0) + be32(4)  # START "ram", instance 0, version 4
+    out += be64(ram | 0x04) + name(b"pc.ram") + be64(ram)  # MEM_SIZE
+    out += be64(0x10) + b"\x7e" + be32(2)  # EOS, FOOTER
+    out += b"\x02" + be32(2)  # PART
     first = True
     for addr, page in sorted(pages.items()):
         flags = (0x08 if page is not None else 0x02) | (0 if first else 0x20)  # PAGE or ZERO, CONTINUE
-        out += _be64(addr | flags) + (_name(b"pc.ram") if first else b"")
+        out += be64(addr | flags) + (name(b"pc.ram") if first else b"")
         out += page if page is not None else b"\x00"
         first = False
-    out += _be64(0x10) + b"\x7e" + _be32(2)
-    out += b"\x04" + _be32(0) + _name(b"timer") + _be32(0) + _be32(2) + state + b"\x7e" + _be32(0)  # FULL
+    out += be64(0x10) + b"\x7e" + be32(2)
+    out += b"\x04" + be32(0) + name(b"timer") + be32(0) + be32(2) + state + b"\x7e" + be32(0)  # FULL
     desc = json.dumps({"page_size": PAGE_SIZE, "devices": []}).encode()
-    out += b"\x00" + b"\x06" + _be32(len(desc)) + desc  # EOF, VMDESCRIPTION
+    out += b"\x00" + b"\x06" + be32(len(desc)) + desc  # EOF, VMDESCRIPTION
     return bytes(out)
 
 
@@ -178,7 +169,7 @@ def write(root: Path) -> dict[str, Any]:
     for ckpt_id, session, parent, created, record in plan:
         d = data[ckpt_id]
         with repo.writer(session=session, parent=parent, ckpt_id=ckpt_id) as w:
-            w.add_memory(iter_segments(_reader(d["memory"])))
+            w.add_memory(iter_segments(reader(d["memory"])))
             if d["disk"] is not None:
                 changed = d["disk"] if parent is None else {i: c for i, c in d["disk"].items()
                                                             if data[parent]["disk"].get(i) != c}
@@ -213,17 +204,6 @@ def write(root: Path) -> dict[str, Any]:
     assert report.ok, report.summary()
     expected["check"] = {"checkpoints": report.checkpoints, "packs": report.packs, "blobs": report.blobs}
     return expected
-
-
-def _reader(data: bytes) -> Any:
-    pos = 0
-
-    def read(n: int) -> bytes:
-        nonlocal pos
-        pos += n
-        return data[pos - n:pos]
-
-    return read
 
 
 def main() -> None:
