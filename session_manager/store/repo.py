@@ -1,5 +1,8 @@
 """The checkpoint repository: content-addressed, deduplicated and crash-safe, after restic's design.
 
+Repository is the store's public face; objects.py is the inside its modules share.  docs/design.md has the
+format in full (encodings, meta schema, invariants, crashes, versions, threat model); in brief:
+
 Layout (names in the backend; byte formats in codec.py)::
 
     config                      JSON: format version, id, cipher; plaintext, written once at creation
