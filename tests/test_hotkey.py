@@ -13,19 +13,17 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from Xlib import XK, X
 from Xlib.display import Display
 from Xlib.error import BadAccess, CatchError
 
+from helpers import ROOT
 from helpers.x11 import Xvfb, xlib_display
 from session_manager.errors import UsageError
 from session_manager.ui import hotkey
 from session_manager.ui.hotkey import GlobalHotkey, parse_sequence
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def grab_from_other_client(display: Display, key: str | int, mask: int) -> bool:

@@ -19,6 +19,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QImage, QPainter
 from PySide6.QtSvg import QSvgRenderer
 
+from helpers import ROOT
 from session_manager import __version__
 from session_manager.resources import (
     APP_ICON,
@@ -30,7 +31,6 @@ from session_manager.resources import (
     resource_path,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 METAINFO = ROOT / "packaging" / f"{APP_ID}.metainfo.xml"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
