@@ -35,11 +35,11 @@ from session_manager.cli import _setup_logging
 from session_manager.guests.testguest import build
 from session_manager.local.engine import Engine
 from session_manager.paths import Home
-from session_manager.store.repo import Repository
+from session_manager.store.repo import CheckpointMeta, Repository
 from session_manager.vm import disk as vdisk
-from session_manager.vm.machine import Machine, Sockets, launch, wait_exit
+from session_manager.vm.machine import Machine, Sockets, launch, node_name, wait_exit
 from session_manager.vm.qemu import command_line, find_qemu, qemu_path
-from session_manager.vm.snapshot import active_layer, node_name
+from session_manager.vm.snapshot import active_layer
 from session_manager.vm.stream import iter_segments
 
 MiB = 1 << 20
@@ -161,7 +161,7 @@ def measure(a: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     t = time.monotonic()
     with open(raw, "rb", buffering=0) as f, repo2.writer(session="replay") as w:
         w.add_memory(iter_segments(f.read))
-        w.commit({"kind": "benchmark"})
+        w.commit(CheckpointMeta(kind="benchmark"))
     os.sync()
     ingest_s = time.monotonic() - t
     raw_bytes = raw.stat().st_size
