@@ -76,6 +76,11 @@ class Home:
         return self.data / "sessions"
 
     @property
+    def bases(self) -> Path:
+        """Built base images (guests/desktop.py), the read-only backing of the sessions made from them."""
+        return self.data / "bases"
+
+    @property
     def log_file(self) -> Path:
         return self.state / "session-manager.log"
 

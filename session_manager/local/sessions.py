@@ -47,6 +47,11 @@ class SessionConfig:
     append: str | None = None
     iso: str | None = None
     vnc_tcp: str | None = None  # e.g. "127.0.0.1:1"; unix socket only when unset
+    # A desktop's devices: a sound card and the channels of the guest's agents (qemu-guest-agent, spice-vdagent).
+    # Fixed at creation, as every device is: a checkpoint loads only into the devices it was taken with.
+    desktop: bool = False
+    # A desktop image's account, created at its first boot: "NAME HASH" (guests/desktop.py account_line).
+    account: str | None = None
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def to_toml(self) -> str:
@@ -58,7 +63,8 @@ class SessionConfig:
         option can ride in a QEMU argument; ValueError if not."""
         try:
             if not isinstance(fields, dict) or set(fields) - set(_TYPES) or any(
-                    not isinstance(v, _TYPES[k]) or isinstance(v, bool) for k, v in fields.items()):
+                    not isinstance(v, _TYPES[k]) or isinstance(v, bool) != (_TYPES[k] is bool)
+                    for k, v in fields.items()):
                 raise TypeError(fields)
             config = cls(**fields)
             check_name(config.name)
@@ -74,7 +80,8 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
           "name": str, "machine": str, "memory_mib": int, "cpus": int, "boot": str, "disk_size": int,
           "base_image": (str, type(None)), "base_format": (str, type(None)), "kernel": (str, type(None)),
           "initrd": (str, type(None)), "append": (str, type(None)), "iso": (str, type(None)),
-          "vnc_tcp": (str, type(None)), "created": str}
+          "vnc_tcp": (str, type(None)), "desktop": bool, "account": (str, type(None)),
+          "created": str}
 _MACHINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 

@@ -78,6 +78,21 @@ class Sockets:
     def pidfile(self) -> Path:
         return self.runtime / "qemu.pid"
 
+    @property
+    def account(self) -> Path:
+        """A desktop's account for its first boot (fw_cfg): a file, so that no other user reads it in our argv."""
+        return self.runtime / "account"
+
+    @property
+    def guest_agent(self) -> Path:
+        """A desktop's qemu-guest-agent channel (vm/guestagent.py)."""
+        return self.runtime / "qga.sock"
+
+    @property
+    def vdagent(self) -> Path:
+        """A desktop's spice-vdagent channel: clipboard and screen size (vm/vdagent.py)."""
+        return self.runtime / "vdagent.sock"
+
     def pid(self) -> int | None:
         """The pid of this session's QEMU if it is alive."""
         try:
