@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -21,9 +22,11 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .errors import DamagedError, PeerError, SessionManagerError, UsageError
+from .guests import desktop
 from .guests.testguest import build as build_guest
 from .local.daemon import Daemon, recovered_message
 from .local.engine import DEMO_NAME, UFFD_ADVICE, Engine
+from .local.sessions import Session
 from .net.agent import Agent, check, pair
 from .net.identity import check_id, installation_name, load_identity, matches, short_id
 from .net.live_migration import Receiver, describe
@@ -42,7 +45,7 @@ from .net.remotes import (
 )
 from .net.send import CheckpointReceiver
 from .net.send import send as send_checkpoint
-from .paths import HOME_ENV, Home
+from .paths import HOME_ENV, Home, check_name
 from .store import keys as repo_keys
 from .store.replicate import Transfer, TransferProgress, replicate
 from .store.repo import CheckpointInfo
@@ -52,6 +55,21 @@ from .vm.migrate import MigrationProgress
 log = logging.getLogger("session_manager")
 
 NEW_PASSPHRASE_ENV = "SESSION_MANAGER_NEW_PASSPHRASE"
+DESKTOP_PASSWORD_ENV = "SESSION_MANAGER_DESKTOP_PASSWORD"
+
+
+def default_account() -> str:
+    """The desktop account's name: this user's, unless that is root or no valid account name."""
+    name = getpass.getuser()
+    return name if name != "root" and re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", name) else "user"
+
+
+def password_hash(password: str) -> str:
+    """crypt(3) SHA-512 of ``password`` (openssl: Python's crypt module is gone in 3.13)."""
+    done = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=password, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UsageError("openssl could not hash the password; install it with `sudo apt-get install openssl`.")
+    return done.stdout.strip()
 
 
 def parse_size(text: str, unit: int = 1 << 20) -> int:
@@ -121,12 +139,47 @@ class Cli:
     # -- sessions ------------------------------------------------------------
     def new(self) -> None:
         a = self.args
-        s = self.engine.new_session(
-            a.name, disk=a.disk, iso=a.iso, kernel=a.kernel, initrd=a.initrd, append=a.append,
-            memory_mib=a.memory >> 20, cpus=a.cpus, disk_size=a.disk_size,
-        )
+        if a.desktop:
+            s = self._new_desktop()
+        else:
+            s = self.engine.new_session(
+                a.name, disk=a.disk, iso=a.iso, kernel=a.kernel, initrd=a.initrd, append=a.append,
+                memory_mib=a.memory >> 20, cpus=a.cpus, disk_size=a.disk_size,
+            )
         self.out(asdict(s.load_config()),
                  f"Created session {a.name!r}; start it with `session-manager start {a.name}`.")
+
+    def _new_desktop(self) -> Session:
+        """Build the desktop base image once (guests/desktop.py; later desktops reuse it), then a session on it."""
+        a = self.args
+        check_name(a.name)
+        if Session(self.engine.home, a.name).exists():
+            raise UsageError(f"A session named {a.name!r} already exists; choose another name or delete it first.")
+        try:
+            account = desktop.account_line(a.user, password_hash(self._desktop_password(a.user)))
+        except ValueError as e:
+            raise UsageError(f"{a.user!r} cannot be an account name. {e}") from None
+        outdir = self.engine.home.bases / desktop.recipe_id()
+        if not desktop.built(outdir):
+            print(f"Building the desktop image from Debian's packages into {outdir} (once; about 3 minutes and "
+                  "1.5 GB; later desktops share it).", file=sys.stderr)
+        base = desktop.build(outdir, progress=lambda percent, text: print(f"{percent:3d}% {text}", file=sys.stderr))
+        return self.engine.new_session(a.name, disk=base / "base.qcow2", kernel=base / "vmlinuz",
+                                       initrd=base / "initrd.img", append=desktop.KERNEL_APPEND,
+                                       memory_mib=a.memory >> 20, cpus=a.cpus, desktop=True, account=account)
+
+    @staticmethod
+    def _desktop_password(user: str) -> str:
+        """From SESSION_MANAGER_DESKTOP_PASSWORD, else typed twice in a terminal."""
+        if DESKTOP_PASSWORD_ENV in os.environ:
+            return os.environ[DESKTOP_PASSWORD_ENV]
+        if not sys.stdin.isatty():
+            raise UsageError(f"No password was given for the desktop's account {user!r}; set {DESKTOP_PASSWORD_ENV} "
+                             "or run the command in a terminal.")
+        first = ask_passphrase(f"Password for {user} in the desktop (for sudo and the screen lock): ")
+        if ask_passphrase("The same again: ") != first:
+            raise UsageError("The two passwords differ, so no session was made; try again.")
+        return first
 
     def list(self) -> None:
         rows: list[dict[str, Any]] = []
@@ -514,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--disk", type=Path, help="your disk image (never written: changes go to an overlay)")
     src.add_argument("--iso", type=Path, help="an installer ISO; a new empty disk is created")
     src.add_argument("--kernel", type=Path, help="a Linux kernel to boot directly")
+    src.add_argument("--desktop", action="store_true",
+                     help="a Debian desktop (Xfce, Firefox) built from Debian's packages, logged in automatically")
+    c.add_argument("--user", default=default_account(), help="the desktop's account (default: yours)")
     c.add_argument("--initrd", type=Path)
     c.add_argument("--append", help="kernel command line")
     c.add_argument("--memory", type=size, default=2 << 30, help="guest memory, e.g. 4G (default 2G)")

@@ -17,6 +17,7 @@ from keyring.backends import fail
 
 from helpers import GUEST_CACHE, s3server
 from helpers.cli import Sm
+from helpers.desktop import Desktop
 from helpers.s3server import S3Server
 from helpers.store import MemoryKeyring
 from helpers.x11 import Xvfb
@@ -38,6 +39,17 @@ def sm(tmp_path: Path) -> Iterator[Sm]:
     s = Sm(home)
     yield s
     s.kill_all()
+
+
+@pytest.fixture(scope="session")
+def desktop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desktop]:
+    """One desktop session (guests/desktop.py), booted to its Xfce desktop once for the whole test run.  Tests may
+    checkpoint and restore it, but leave it running."""
+    sm = Sm(tmp_path_factory.mktemp("desktop") / "home")
+    try:
+        yield Desktop(sm).create().boot()
+    finally:
+        sm.kill_all()
 
 
 # --- two computers: network namespaces -----------------------------------------------------------

@@ -141,11 +141,15 @@ class Engine:
         memory_mib: int = 2048,
         cpus: int = 2,
         disk_size: int = 32 << 30,
+        desktop: bool = False,
+        account: str | None = None,
     ) -> Session:
+        """A new session; ``desktop``: a disk with the kernel it was built with (guests/desktop.py), whose first boot
+        creates ``account``."""
         session = Session(self.home, name)
         if session.exists():
             raise UsageError(f"A session named {name!r} already exists; choose another name or delete it first.")
-        if sum(x is not None for x in (disk, iso, kernel)) != 1:
+        if sum(x is not None for x in (disk, iso, kernel)) != 1 and not (desktop and disk and kernel and not iso):
             raise UsageError("Give exactly one of --disk IMAGE, --iso ISO or --kernel KERNEL.")
         for label, path in (("disk image", disk), ("ISO", iso), ("kernel", kernel), ("initrd", initrd)):
             if path is not None and not Path(path).is_file():
@@ -164,7 +168,7 @@ class Engine:
             machine=machine_type(qemu),
             memory_mib=memory_mib,
             cpus=cpus,
-            boot="disk" if disk else "iso" if iso else "kernel",
+            boot="kernel" if kernel else "disk" if disk else "iso",
             disk_size=disk_size,
             base_image=str(Path(disk).resolve()) if disk else None,
             base_format=base_format,
@@ -172,6 +176,8 @@ class Engine:
             initrd=str(Path(initrd).resolve()) if initrd else None,
             append=append,
             iso=str(Path(iso).resolve()) if iso else None,
+            desktop=desktop,
+            account=account,
         )
         first = vdisk.new_layer_name()
         session.disks.mkdir(parents=True, exist_ok=True)
@@ -260,6 +266,8 @@ class Engine:
                             "made with (the `qemu` setting in settings.toml).")
         argv = command_line(qemu, config, accel=accel.name, top_layer=top, sockets=sockets,
                             serial_log=session.serial_log, incoming=incoming, paused=paused)
+        if config.account:
+            atomic_write(sockets.account, f"{config.account}\n".encode())
         await launch(argv, sockets, session.qemu_log)
         atomic_write(sockets.runtime / "accel", f"{accel.name}\n{accel.reason}\n".encode())
         atomic_write(sockets.runtime / "qemu", f"{qemu.version_text}\n{qemu.system}\n".encode())
@@ -758,6 +766,8 @@ class Engine:
         config = self.config_of(ckpt)
         argv = command_line(self.qemu, config, accel=self.accelerator().name, top_layer=qcow2, sockets=Sockets(out_dir),
                             serial_log=out_dir / f"{name}-serial.log")
+        if config.account:  # the command line names it; the guest made its account long ago
+            atomic_write(Sockets(out_dir).account, f"{config.account}\n".encode())
         return _standalone(argv, stream)
 
     # -- locking -------------------------------------------------------------------

@@ -16,6 +16,8 @@ only fixtures and hooks (built on these).
 - rfb: an RFB client's ``Events``, ``type_text``, ``screendump``, ``assert_matches_screendump``, ``wait_serial``.
 - x11: ``Xvfb`` (what the xvfb fixture yields) and ``xlib_display``.
 - aio: ``until``, awaiting a condition.
+- desktop: the desktop guest's base image (``base``, built once per machine; ``give_base`` to an installation) and
+  ``Desktop``, a desktop session driven through its guest agent (the ``desktop`` fixture boots one per run).
 
 ROOT (the checkout) and GUEST_CACHE (where the test guest is built) are here.
 
