@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Set up session-manager on a Debian/Ubuntu machine, then run it.
-#   packaging/setup.sh run    install, then start the app (and the demo session if you have none)
-#   packaging/setup.sh test   install with test dependencies, then run the whole test suite
+#   packaging/setup.sh run        install, then start the app; with no session yet, first make your desktop (a
+#                                 Debian desktop built from Debian's packages: about 3 minutes and 1.7 GB, once)
+#   packaging/setup.sh run demo   the same, but with the small demo guest (seconds) when you have no session
+#   packaging/setup.sh test       install with test dependencies, then run the whole test suite
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
-case "$mode" in run|test) ;; *) echo "usage: $0 run|test" >&2; exit 2 ;; esac
+first=${2:-desktop}
+case "$mode $first" in "run desktop"|"run demo"|"test desktop") ;; *) echo "usage: $0 run [demo] | test" >&2; exit 2 ;; esac
 
 # As root nothing needs sudo; otherwise sudo is used only when something must be installed, and if it is missing
 # or refused, the user is told what to ask an administrator for.
@@ -19,8 +22,9 @@ as_root() {
     fi
 }
 
-# Debian packages: QEMU, a Python that can make virtual environments, and what Qt loads on X11/Wayland.
-apt_packages=(qemu-system-x86 qemu-utils python3-venv
+# Debian packages: QEMU, a Python that can make virtual environments, what builds the desktop image (also as an
+# ordinary user: uidmap) and hashes its password, and what Qt loads on X11/Wayland.
+apt_packages=(qemu-system-x86 qemu-utils python3-venv mmdebstrap uidmap openssl
               libegl1 libgl1 libx11-6 libdbus-1-3 libfontconfig1 libfreetype6 libglib2.0-0 libxkbcommon0
               libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-render-util0 libxcb-render0
               libxcb-shape0 libxcb-util1 libxcb-xkb1 libxkbcommon-x11-0)
@@ -87,9 +91,15 @@ if [ "$mode" = test ]; then
     fi
     exit $status
 fi
-# The demo session when there is none yet, then the app (headless: the session runs and the CLI drives it).
+# The desktop (or the demo) when there is no session yet, then the app (headless: the session runs and the CLI
+# drives it).
 if [ "$(.venv/bin/session-manager list --json)" = "[]" ]; then
-    .venv/bin/session-manager demo
+    if [ "$first" = demo ]; then
+        .venv/bin/session-manager demo
+    else
+        .venv/bin/session-manager new desktop --desktop
+        .venv/bin/session-manager start desktop
+    fi
 fi
 if [ -z "${DISPLAY:-}${WAYLAND_DISPLAY:-}" ]; then
     echo "No display here: the session runs headless; use .venv/bin/session-manager (see --help)."

@@ -106,8 +106,8 @@ def test_ordinary_user_with_userfaultfd_gets_live_checkpoints(user_sm: UserSm, g
 
 
 def test_setup_goes_on_without_sudo_and_starts_the_demo(user_sm: UserSm) -> None:
-    """`packaging/setup.sh run` as an ordinary user who may not use sudo (it is missing here, or refuses someone not
-    in sudoers): with the packages already there nothing needs it; the userfaultfd step says what is lost and
+    """`packaging/setup.sh run demo` as an ordinary user who may not use sudo (it is missing here, or refuses someone
+    not in sudoers): with the packages already there nothing needs it; the userfaultfd step says what is lost and
     how to get it, and the demo session starts."""
     SYSCTL.write_text("0\n")
     top = user_sm.home.parent
@@ -129,8 +129,8 @@ def test_setup_goes_on_without_sudo_and_starts_the_demo(user_sm: UserSm) -> None
     pth = next((repo / ".venv" / "lib").glob("python3*/site-packages")) / "session-manager-test.pth"
     pth.write_text(site + "\n")
     try:
-        run = subprocess.run([*as_user, "bash", str(repo / "packaging" / "setup.sh"), "run"], capture_output=True,
-                             text=True, timeout=600)
+        run = subprocess.run([*as_user, "bash", str(repo / "packaging" / "setup.sh"), "run", "demo"],
+                             capture_output=True, text=True, timeout=600)
         out = run.stdout + run.stderr
         assert run.returncode == 0, out
         assert "Not done: sudo is missing here or was refused" in out and "ask an\nadministrator" in out, out
