@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PySide6.QtCore import QMimeData, QPointF, Qt
 from PySide6.QtGui import QDropEvent
-from PySide6.QtWidgets import QPushButton
+from PySide6.QtWidgets import QApplication, QPushButton
 
 from helpers import ROOT
 from helpers.aio import until
@@ -129,6 +129,21 @@ def test_tray_menu_of_a_stopped_session(sm: Sm, guest: tuple[Path, Path], aloop,
     app.window.show()
     assert app.window.pages.currentWidget() is app.window.stopped_page
     assert app.window.start_button.isEnabled()
+    aloop.run_until_complete(app.close())
+
+
+def test_the_window_opens_within_a_small_screen(sm: Sm, guest: tuple[Path, Path], aloop, qtbot) -> None:
+    """On a screen smaller than the window would like (the offscreen screen: 800x600), it opens inside the screen,
+    its status line in sight."""
+    sm.new_guest("idle", guest)
+    app = App(Engine(Home.locate(sm.home)), "idle", Settings())
+    qtbot.addWidget(app.window)
+    app.window.show()
+    room = QApplication.primaryScreen().availableGeometry()
+    assert room.height() < 860, room  # smaller than the window's natural size: the point of the test
+    assert room.contains(app.window.frameGeometry()), (app.window.frameGeometry(), room)
+    status = app.window.statusBar()
+    assert status.isVisible() and room.contains(status.mapToGlobal(status.rect().bottomRight()))
     aloop.run_until_complete(app.close())
 
 

@@ -13,6 +13,7 @@ from PySide6.QtGui import (
     QKeySequence,
 )
 from PySide6.QtWidgets import (
+    QApplication,
     QFileDialog,
     QGraphicsOpacityEffect,
     QLabel,
@@ -49,7 +50,10 @@ class SessionWindow(QMainWindow):
         self._following: str | None = None  # the peer whose copy of the session is shown (it moved there)
         self.setWindowTitle(f"{service.name} — Session Manager")
         self.setAcceptDrops(True)
-        self.resize(1040, 860)
+        # The size a 1024x768 guest needs with the bars, but never more than the screen has room for (less its
+        # panels and some margin for the window's frame): on a small screen the status line stays in sight.
+        room = QApplication.primaryScreen().availableGeometry()
+        self.resize(min(1040, room.width() * 9 // 10), min(860, room.height() * 9 // 10))
 
         self.viewer = VncViewer()
         self.stopped_page = self._stopped_page()
