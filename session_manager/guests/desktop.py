@@ -16,7 +16,7 @@ packages that start from one ``startxfce4``, and its terminal, editor and settin
 Firefox), which keeps the image small and the look consistent.
 
 The account is not in the image, so one base serves every person: at the first boot ``sm-firstboot`` reads the name
-and password hash that QEMU hands over (fw_cfg ``opt/org.session-manager/account``, see :func:`account_line`),
+and password hash that QEMU hands over (fw_cfg ``opt/org.session-manager/account``, see vm/qemu.py ``account_line``),
 creates the account and logs it in automatically from then on.  When the desktop is up the guest writes
 ``desktop ready`` on its serial line (COM1, the session's serial.log), which tests and the first start wait for.
 """
@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -129,6 +128,9 @@ SETUP_COMMANDS = [
 ]
 
 
+SUBID_FILES = ("/etc/subuid", "/etc/subgid")  # the ranges of ids mmdebstrap's unshare mode maps
+
+
 class BuildError(SessionManagerError):
     pass
 
@@ -155,7 +157,7 @@ def missing_tools() -> str | None:
     if not shutil.which("newuidmap"):
         return "Building a desktop as an ordinary user needs newuidmap; install it with `sudo apt-get install uidmap`."
     user = _user_name()
-    for file in ("/etc/subuid", "/etc/subgid"):
+    for file in SUBID_FILES:
         try:
             listed = any(line.split(":")[0] == user for line in Path(file).read_text().splitlines())
         except OSError:
@@ -252,18 +254,6 @@ def build(outdir: Path, *, progress: Callable[[int, str], None] | None = None) -
     work.rename(outdir)
     report(100, "done")
     return outdir
-
-
-ACCOUNT = re.compile(r"[a-z_][a-z0-9_-]{0,31} (?:[!*]|\$[0-9a-z]+\$[./0-9A-Za-z$=,-]+)")
-
-
-def account_line(name: str, password_hash: str) -> str:
-    """What the image's first boot reads from fw_cfg to create its account: "NAME HASH"; ValueError if unusable."""
-    line = f"{name} {password_hash}"
-    if not ACCOUNT.fullmatch(line):
-        raise ValueError("The account name must be lower-case letters, digits, _ or - (starting with a letter or _), "
-                         "at most 32 characters.")
-    return line
 
 
 def main() -> None:
