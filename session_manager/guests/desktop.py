@@ -237,8 +237,10 @@ def _build(outdir: Path, report: Callable[[int, str], None]) -> None:
         *(f'chroot "$1" sh -c "{cmd}"' for cmd in (c.replace('"', '\\"').replace("$", "\\$") for c in SETUP_COMMANDS)),
         f'cp -L "$1"/vmlinuz {out}/vmlinuz && cp -L "$1"/initrd.img {out}/initrd.img',
         # mke2fs -d copies a directory; /proc, /sys and /dev are mounted in the chroot now, so copy the one file
-        # system aside first (inside mmdebstrap's own temporary folder, which it removes even after a failure) ...
-        f'mkdir {stage} && tar -C "$1" --one-file-system --exclude=./sm-stage -cf - . | tar -C {stage} -xpf -',
+        # system aside first (inside mmdebstrap's own temporary folder, which it removes even after a failure),
+        # with an empty /dev (the kernel mounts its own; in unshare mode these are bind mounts no one may mknod) ...
+        f'mkdir {stage} && tar -C "$1" --one-file-system --exclude=./sm-stage --exclude="./dev/*" -cf - . '
+        f'| tar -C {stage} -xpf -',
         # ... and undo there what mmdebstrap undoes only after the hooks: its service blockers and apt settings.
         f'cd {stage} && rm -f usr/sbin/policy-rc.d etc/apt/apt.conf.d/00mmdebstrap etc/apt/apt.conf.d/99mmdebstrap '
         'etc/dpkg/dpkg.cfg.d/99mmdebstrap && mv sbin/start-stop-daemon.REAL sbin/start-stop-daemon '
