@@ -10,11 +10,18 @@ import shlex
 from pathlib import Path
 
 import pytest
+from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QUrl
+from PySide6.QtGui import QDragEnterEvent, QDropEvent
 
+from helpers.aio import until
 from helpers.cli import Sm, one_sentence
 from helpers.desktop import USER, Desktop
+from session_manager.app import App
 from session_manager.errors import UsageError
 from session_manager.local.downloads import MAX_NAME, safe_name
+from session_manager.local.engine import Engine
+from session_manager.local.settings import Settings
+from session_manager.paths import Home
 
 DOWNLOADS = f"/home/{USER}/Downloads"
 
@@ -100,3 +107,36 @@ def test_copy_in_needs_a_running_desktop_session(sm: Sm, guest: tuple[Path, Path
     one_sentence(sm("copy-in", "small", str(source), check=False), "is not a desktop session")
     stopped = Desktop(sm, "stopped").create(memory="1G")
     one_sentence(sm("copy-in", stopped.name, str(source), check=False), "is not running; start it first")
+
+
+@pytest.mark.qemu
+@pytest.mark.desktop
+def test_files_dropped_on_the_session_window_go_into_downloads(desktop: Desktop, aloop, qtbot,
+                                                                tmp_path: Path) -> None:
+    files = [tmp_path / f"dropped {secrets.token_hex(4)}.txt", tmp_path / f"photo {secrets.token_hex(4)}.jpg"]
+    for path in files:
+        path.write_bytes(os.urandom(100_000))
+    app = App(Engine(Home.locate(desktop.sm.home)), desktop.name, Settings())
+    window, service = app.window, app.service
+    qtbot.addWidget(window)
+    qtbot.addWidget(app.timeline)
+    window.show()
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(path)) for path in files])
+    where = (QPointF(300, 300), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+             Qt.KeyboardModifier.NoModifier)
+    enter = QDragEnterEvent(QPoint(300, 300), *where[1:])
+    window.dragEnterEvent(enter)
+    assert enter.isAccepted()
+
+    async def scenario() -> None:
+        with qtbot.waitSignal(service.info, timeout=120_000) as copied:
+            window.dropEvent(QDropEvent(*where))
+            await until(lambda: copied.signal_triggered, "the copy", 120)
+        assert window.statusBar().currentMessage() == f"Copied into Downloads: {files[0].name}, {files[1].name}."
+        await until(lambda: not service.busy, "the copy finishing", 30)
+
+    aloop.run_until_complete(scenario())
+    aloop.run_until_complete(app.close())
+    for path in files:
+        assert sha256_in_guest(desktop, path.name) == hashlib.sha256(path.read_bytes()).hexdigest()

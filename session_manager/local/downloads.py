@@ -20,6 +20,7 @@ from .engine import Engine
 
 MAX_NAME = 200  # bytes of a name as given (NAME_MAX is 255: room for " (999)" and the temporary name)
 MAX_EXTENSION = 16
+AGENT_PATIENCE = 15.0  # seconds for the guest agent to answer at all (a busy guest under TCG is slow)
 
 # In the guest, as root: $1 the account.  Its Downloads folder (made, the account's, if it was deleted), printed.
 PREPARE = r"""
@@ -118,7 +119,7 @@ async def copy_in(engine: Engine, session_name: str, files: list[CopyIn], progre
     def report(done: int, what: str, n: int) -> None:
         progress(what, (done + n) / total if total else -1)
 
-    async with GuestAgent.connect(sockets.guest_agent) as agent:
+    async with GuestAgent.connect(sockets.guest_agent, timeout=AGENT_PATIENCE) as agent:
         folder = (await _run(agent, PREPARE, account)).decode(errors="replace")
         done = 0
         for item in files:
