@@ -9,6 +9,7 @@ file never looks complete.  Nothing is written outside Downloads: a file's name 
 from __future__ import annotations
 
 import functools
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -137,7 +138,10 @@ async def _copy(agent: GuestAgent, item: CopyIn, account: str, folder: str,
     with open(item.source, "rb") as source:
         await agent.write_file(f"{folder}/{temporary}", source, lambda n: progress(what, n))
     stem, extension = _split(item.name)
-    return (await _run(agent, FINISH, account, folder, temporary, stem, extension)).decode(errors="replace")
+    name = (await _run(agent, FINISH, account, folder, temporary, stem, extension)).decode(errors="replace")
+    if not re.fullmatch(re.escape(stem) + r"( \([0-9]{1,3}\))?" + re.escape(extension), name):  # it is the guest's word
+        raise GuestAgentError(f"The session said it saved {item.name} under a name it was not given.")
+    return name
 
 
 async def _run(agent: GuestAgent, script: str, *args: str) -> bytes:
