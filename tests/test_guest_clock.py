@@ -3,15 +3,17 @@ runs on from the checkpoint's time, so session-manager sets its clock through th
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
 from helpers.desktop import Desktop
-
-pytestmark = [pytest.mark.qemu, pytest.mark.desktop]
+from session_manager.vm.guestagent import sync_clock
 
 LAG = 20  # seconds between the checkpoint and bringing it back
 
@@ -23,6 +25,8 @@ def assert_clock_right(desktop: Desktop) -> None:
     assert before - 2 <= guest <= after + 2, f"the guest's clock is {guest - after:+.0f} s off"
 
 
+@pytest.mark.qemu
+@pytest.mark.desktop
 def test_restore_of_an_older_checkpoint_sets_the_guest_clock(desktop: Desktop) -> None:
     ckpt = desktop.sm("checkpoint", desktop.name, "--json").json()["id"]
     time.sleep(LAG)
@@ -30,6 +34,8 @@ def test_restore_of_an_older_checkpoint_sets_the_guest_clock(desktop: Desktop) -
     assert_clock_right(desktop)
 
 
+@pytest.mark.qemu
+@pytest.mark.desktop
 def test_start_after_a_saving_stop_sets_the_guest_clock(desktop: Desktop) -> None:
     desktop.sm("stop", desktop.name)
     time.sleep(LAG)
@@ -37,6 +43,8 @@ def test_start_after_a_saving_stop_sets_the_guest_clock(desktop: Desktop) -> Non
     assert_clock_right(desktop)
 
 
+@pytest.mark.qemu
+@pytest.mark.desktop
 def test_recover_after_a_crash_sets_the_guest_clock(desktop: Desktop) -> None:
     desktop.sm("checkpoint", desktop.name)
     time.sleep(LAG)
@@ -46,3 +54,20 @@ def test_recover_after_a_crash_sets_the_guest_clock(desktop: Desktop) -> None:
         time.sleep(0.1)
     desktop.sm("recover", desktop.name)
     assert_clock_right(desktop)
+
+
+def test_setting_the_clock_gives_up_quietly_when_the_agent_never_answers(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A guest whose agent is silent (or not there) is left as it is: the restore does not fail for it."""
+    async def silent() -> tuple[bool, bool]:
+        held: list[asyncio.StreamWriter] = []
+        server = await asyncio.start_unix_server(lambda _, writer: held.append(writer), path=str(tmp_path / "agent"))
+        async with server:
+            answered = await sync_clock(tmp_path / "agent", patience=2)
+        for writer in held:
+            writer.close()
+        return answered, await sync_clock(tmp_path / "nobody", patience=1)
+
+    caplog.set_level(logging.INFO)
+    assert asyncio.run(silent()) == (False, False)
+    assert caplog.text.count("could not set the guest's clock") == 2
