@@ -162,13 +162,14 @@ async def sync_clock(path: Path, patience: float = CLOCK_PATIENCE) -> bool:
     """Set the guest's clock to this computer's after a jump in time (it ran on from a checkpoint's time), trying
     again for ``patience`` seconds while its agent does not answer yet.  Best effort: False, logged, if it never
     did; the session runs all the same."""
-    deadline = time.monotonic() + patience
+    began = time.monotonic()
+    deadline = began + patience
     while True:
         try:
             async with GuestAgent.connect(path, timeout=min(CONNECT_TIMEOUT, max(deadline - time.monotonic(), 1))) \
                     as agent:
                 await agent.set_time()
-            log.info("set the guest's clock")
+            log.info("set the guest's clock (its agent answered after %.1f s)", time.monotonic() - began)
             return True
         except GuestAgentError as e:
             if time.monotonic() >= deadline:
