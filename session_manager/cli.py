@@ -24,6 +24,7 @@ from . import __version__
 from .errors import DamagedError, PeerError, SessionManagerError, UsageError
 from .guests import desktop
 from .guests.testguest import build as build_guest
+from .local import downloads
 from .local.daemon import Daemon, recovered_message
 from .local.engine import DEMO_NAME, UFFD_ADVICE, Engine
 from .local.sessions import Session
@@ -236,6 +237,26 @@ class Cli:
         ckpt = asyncio.run(self.engine.recover(name))
         self.out({"recovered": ckpt.id, "kind": ckpt.meta.kind, "created": ckpt.created},
                  recovered_message(name, ckpt))
+
+    def copy_in(self) -> None:
+        a = self.args
+        files = downloads.plan(a.files, a.as_name)
+        shown = ""
+
+        def progress(what: str, fraction: float) -> None:  # a line on a terminal, redrawn at each whole percent
+            nonlocal shown
+            line = f"{what}: {fraction:.0%}" if fraction >= 0 else what
+            if line != shown and not a.json and sys.stderr.isatty():
+                print(f"\r{line}\033[K", end="", file=sys.stderr, flush=True)
+                shown = line
+
+        try:
+            names = asyncio.run(downloads.copy_in(self.engine, a.name, files, progress))
+        finally:
+            if shown:
+                print(file=sys.stderr)
+        self.out([{"file": str(f.source), "name": n} for f, n in zip(files, names, strict=True)],
+                 "\n".join(f"Copied {f.source} into Downloads as {n!r}." for f, n in zip(files, names, strict=True)))
 
     def daemon(self) -> None:
         for name in self.args.session or ():
@@ -620,6 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("prune", "reclaim the space of forgotten checkpoints")
     cmd("du", "show how much space checkpoints take").add_argument("name", nargs="?")
     cmd("recover", "restore the latest checkpoint of a session whose QEMU died").add_argument("name")
+    c = cmd("copy-in", "copy files into a running desktop session's Downloads folder (a name taken gets \" (2)\")")
+    c.add_argument("name")
+    c.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    c.add_argument("--as", dest="as_name", metavar="NAME", help="the name it gets there (one FILE only)")
     c = sub.add_parser("daemon", help="autosave running sessions and watch them for crashes, without the app",
                        description="autosave running sessions and watch them for crashes until SIGTERM or SIGINT "
                        "(packaging/session-manager.service runs it as a systemd user service)")

@@ -25,6 +25,7 @@ from ..files import atomic_write
 from ..paths import Home, machine_cache
 from ..store.repo import CheckpointInfo, CheckpointMeta, Repository
 from ..vm import disk as vdisk
+from ..vm.guestagent import sync_clock
 from ..vm.machine import Machine, RunState, Sockets, launch, wait_exit
 from ..vm.migrate import recover_source
 from ..vm.qemu import (
@@ -239,6 +240,7 @@ class Engine:
                     if await m.status() not in (RunState.PAUSED, RunState.POSTMIGRATE):
                         raise UsageError(f"Session {name!r} is already running; use `session-manager status {name}`.")
                     await m.run("cont")  # left paused by a checkpoint killed in its pause, or an unconfirmed migration
+                await self.set_clock(session)
                 return await self.status(name)
             self._refuse_moved(session)
             latest = state.saved or (state.head if state.running_boot else None)
@@ -271,6 +273,12 @@ class Engine:
         await launch(argv, sockets, session.qemu_log)
         atomic_write(sockets.runtime / "accel", f"{accel.name}\n{accel.reason}\n".encode())
         atomic_write(sockets.runtime / "qemu", f"{qemu.version_text}\n{qemu.system}\n".encode())
+
+    async def set_clock(self, session: Session) -> None:
+        """After a jump in time (the guest ran on from a checkpoint's time, or from when it was paused): set a desktop
+        guest's clock to this computer's.  Best effort: logged if its agent never answers."""
+        if session.load_config().desktop:
+            await sync_clock(self.sockets(session).guest_agent)
 
     @staticmethod
     def config_of(ckpt: CheckpointInfo) -> SessionConfig:
@@ -687,6 +695,7 @@ class Engine:
         state.head, state.saved, state.running_boot = ckpt.id, None, boot_id()
         session.save_state(state)
         log.info("restored %s to %s: stream loaded in %.2f s", session.name, ckpt.id, seconds)
+        await self.set_clock(session)
         return before
 
     async def receive(self, config: SessionConfig, disk_size: int, why: str, peer: str) -> Session:

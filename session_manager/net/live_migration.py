@@ -193,6 +193,7 @@ class Receiver:
                     shutil.rmtree(incoming.replaced, ignore_errors=True)
                 await incoming.stack.aclose()
         log.info("session %s arrived from %s and runs here", session.name, incoming.peer)
+        await self.engine.set_clock(session)
         return {"running": True}
 
     def _arrived(self, arrival: asyncio.Task[dict[str, bool]]) -> None:

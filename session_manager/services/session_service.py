@@ -19,6 +19,7 @@ from typing import Any
 from PySide6.QtCore import QObject, QTimer, Signal
 
 from ..errors import SessionManagerError
+from ..local import downloads
 from ..local.engine import Engine, Status
 from ..net.handover import open_display
 from ..net.live_migration import describe, migrate
@@ -41,6 +42,7 @@ class State(str, Enum):
     STOPPING = "stopping"
     EXPORTING = "exporting"
     MIGRATING = "migrating"
+    COPYING = "copying"
 
 
 class Cancelled(SessionManagerError):
@@ -117,6 +119,23 @@ class SessionService(QObject):
             self.restored.emit(self.engine.repo.get(ckpt_id))
 
         return self._run(State.RESTORING, run)
+
+    @property
+    def desktop(self) -> bool:
+        """A desktop session: files dropped on it go into its Downloads."""
+        try:
+            return self.engine.session(self.name).load_config().desktop
+        except SessionManagerError:
+            return False
+
+    def copy_in(self, files: list[Path]) -> asyncio.Task[Any] | None:
+        """Copy files from this computer into the session's Downloads folder (never over a file already there)."""
+        async def run() -> None:
+            names = await downloads.copy_in(self.engine, self.name, downloads.plan(files), self._progress)
+            self.info.emit(f"Copied into Downloads: {', '.join(names)}." if len(names) > 1 else
+                           f"Copied {files[0].name} into Downloads as {names[0]!r}.")
+
+        return self._run(State.COPYING, run)
 
     def start(self) -> asyncio.Task[Any] | None:
         """Boot or resume the session; after a crash this restores the latest checkpoint."""

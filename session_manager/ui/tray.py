@@ -16,7 +16,8 @@ from ..units import pause_text, size_text
 from .dialogs import when
 
 ROLLBACK_ITEMS = 10
-BUSY = (State.STARTING, State.CHECKPOINTING, State.RESTORING, State.STOPPING, State.EXPORTING, State.MIGRATING)
+BUSY = (State.STARTING, State.CHECKPOINTING, State.RESTORING, State.STOPPING, State.EXPORTING, State.MIGRATING,
+        State.COPYING)
 
 
 def icon_name(service: SessionService) -> str:

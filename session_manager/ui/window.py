@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, QPropertyAnimation, Qt, Signal
+from PySide6.QtCore import QByteArray, QMimeData, QPropertyAnimation, Qt, Signal
 from PySide6.QtGui import (
     QAction,
     QCloseEvent,
@@ -34,6 +34,12 @@ from .timeline import TimelineView, checkpoint_from_mime
 from .viewer import VncViewer
 
 FULL_SCREEN = "Shift+F11"  # as remote-viewer: plain F11 belongs to the guest
+
+
+def _local_files(data: QMimeData) -> list[Path]:
+    """The files of this computer a drag carries (none if it carries anything else too)."""
+    urls = data.urls() if data.hasUrls() else []
+    return [Path(url.toLocalFile()) for url in urls] if urls and all(url.isLocalFile() for url in urls) else []
 
 
 class SessionWindow(QMainWindow):
@@ -226,16 +232,21 @@ class SessionWindow(QMainWindow):
         self.statusBar().setVisible(not on)
         self.showFullScreen() if on else self.showNormal()
 
-    # -- drag a checkpoint here to roll back -----------------------------------------------------
+    # -- drag a checkpoint here to roll back; files go into a desktop session's Downloads ------------------------
     def dragEnterEvent(self, event: QDragEnterEvent) -> None:
-        if checkpoint_from_mime(event.mimeData()) and self.service.state == State.RUNNING:
+        if self.service.state == State.RUNNING and (checkpoint_from_mime(event.mimeData()) or
+                                                    (self.service.desktop and _local_files(event.mimeData()))):
             event.acceptProposedAction()
 
     def dropEvent(self, event: QDropEvent) -> None:
         ckpt = checkpoint_from_mime(event.mimeData())
+        files = _local_files(event.mimeData())
         if ckpt:
             event.acceptProposedAction()
             self.restoreRequested.emit(ckpt)
+        elif files and self.service.desktop:
+            event.acceptProposedAction()
+            self.service.copy_in(files)
 
     def closeEvent(self, event: QCloseEvent) -> None:
         if self._following:  # no screen is watched from a closed window

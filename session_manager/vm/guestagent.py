@@ -9,7 +9,8 @@ What is used here, and since which agent (all in Debian 12's 7.2):
 - guest-sync-delimited, guest-ping
 - guest-exec (path, arg, input-data, capture-output), guest-exec-status: run a program, collect exit code and output
 - guest-file-open / guest-file-write / guest-file-close: write a file, base64 chunks
-- guest-set-time (time: ns since the epoch): set the guest's clock, which the agent also writes to the RTC
+- guest-set-time (time: ns since the epoch): set the guest's clock, which the agent also writes to the RTC (with the
+  guest's /sbin/hwclock: without it the agent refuses the command)
 """
 
 from __future__ import annotations
@@ -17,19 +18,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import json
+import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import QemuError
 
+log = logging.getLogger(__name__)
+
 CONNECT_TIMEOUT = 5.0
 CALL_TIMEOUT = 10.0
-WRITE_CHUNK = 48 << 10  # bytes per guest-file-write (base64 makes it 64 KiB of JSON)
+WRITE_CHUNK = 512 << 10  # bytes per guest-file-write; 4 MiB into the desktop under TCG: 2.3 s (256 KiB: 5.1 s)
+CLOCK_PATIENCE = 20.0  # seconds sync_clock waits for an agent that does not answer yet
 
 
 class GuestAgentError(QemuError):
@@ -131,16 +137,42 @@ class GuestAgent:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    async def write_file(self, path: str, data: bytes) -> None:
-        """Create (or replace) the guest file ``path`` with ``data``, owned by root; the caller chowns it."""
+    async def write_file(self, path: str, data: bytes | BinaryIO,
+                         progress: Callable[[int], None] | None = None) -> None:
+        """Create (or replace) the guest file ``path`` with ``data`` (bytes, or a file read to its end), owned by root
+        (the caller chowns it); ``progress`` is told the bytes written so far after each chunk."""
+        source = io.BytesIO(data) if isinstance(data, bytes) else data
         handle = await self.call("guest-file-open", {"path": path, "mode": "w"})
         try:
-            for offset in range(0, len(data), WRITE_CHUNK):
-                chunk = data[offset:offset + WRITE_CHUNK]
+            done = 0
+            while chunk := source.read(WRITE_CHUNK):
                 await self.call("guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(chunk).decode()})
+                done += len(chunk)
+                if progress is not None:
+                    progress(done)
         finally:
             await self.call("guest-file-close", {"handle": handle})
 
     async def set_time(self, ns: int | None = None) -> None:
         """Set the guest's clock to ``ns`` since the epoch (default: this computer's clock now)."""
         await self.call("guest-set-time", {"time": time.time_ns() if ns is None else ns})
+
+
+async def sync_clock(path: Path, patience: float = CLOCK_PATIENCE) -> bool:
+    """Set the guest's clock to this computer's after a jump in time (it ran on from a checkpoint's time), trying
+    again for ``patience`` seconds while its agent does not answer yet.  Best effort: False, logged, if it never
+    did; the session runs all the same."""
+    began = time.monotonic()
+    deadline = began + patience
+    while True:
+        try:
+            async with GuestAgent.connect(path, timeout=min(CONNECT_TIMEOUT, max(deadline - time.monotonic(), 1))) \
+                    as agent:
+                await agent.set_time()
+            log.info("set the guest's clock (its agent answered after %.1f s)", time.monotonic() - began)
+            return True
+        except GuestAgentError as e:
+            if time.monotonic() >= deadline:
+                log.warning("could not set the guest's clock: %s", e)
+                return False
+            await asyncio.sleep(1)
