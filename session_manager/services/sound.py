@@ -41,7 +41,7 @@ class SoundOut:
     The player starts with the first chunk; ``notice`` gets one sentence, once, when no player can play.
     """
 
-    def __init__(self, notice: Callable[[str], None], players: Sequence[Sequence[str]] = PLAYERS) -> None:
+    def __init__(self, notice: Callable[[str], None], players: Sequence[Sequence[str]] | None = None) -> None:
         self._notice = notice
         self._players = players
         self._proc: subprocess.Popen[bytes] | None = None
@@ -84,7 +84,7 @@ class SoundOut:
                 proc.wait()
 
     def _start(self) -> bool:
-        for argv in self._players:
+        for argv in PLAYERS if self._players is None else self._players:
             try:
                 proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
