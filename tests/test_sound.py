@@ -1,11 +1,19 @@
 """The session's sound on this computer (services/sound.py): PCM piped to a player, never blocking, one sentence when
-nothing can play it.  The players here stand in for pacat: the real guest's sound is in test_desktop_sound.py."""
+nothing can play it: pacat into a PulseAudio server of the test's own, and stand-ins for the corners.  The guest's
+sound is in test_desktop_sound.py."""
 
 from __future__ import annotations
 
+import array
+import math
+import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from helpers.audio import assert_tone, mono, pulseaudio
+from session_manager.rfb import AUDIO_RATE
 from session_manager.services.sound import NO_PLAYER, PLAYER_FAILED, PLAYERS, SoundOut
 
 
@@ -47,3 +55,34 @@ def test_one_sentence_when_nothing_can_play() -> None:
     for _ in range(3):
         gone.play(bytes(4))
     assert told[1:] == [PLAYER_FAILED.format(player="true")]
+
+
+def test_pacat_plays_it_on_a_sound_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pulseaudio(tmp_path) as env:
+        for name in ("XDG_RUNTIME_DIR", "HOME", "PULSE_SERVER"):
+            monkeypatch.setenv(name, env[name])
+        recording = tmp_path / "recorded.raw"
+        with open(recording, "wb") as out:
+            recorder = subprocess.Popen(["parec", "-d", "null.monitor", "--raw", "--format=s16le",
+                                         f"--rate={AUDIO_RATE}", "--channels=2", "--latency-msec=20"], stdout=out)
+        told: list[str] = []
+        sound = SoundOut(told.append)
+        sound.play(bytes(4))  # starts pacat; what comes before it has connected is dropped
+        deadline = time.monotonic() + 30
+        # until parec records and pacat is connected
+        while not (recording.stat().st_size and subprocess.run(["pactl", "list", "short", "sink-inputs"],
+                                                                capture_output=True).stdout):
+            assert time.monotonic() < deadline, "parec and pacat did not start"
+            time.sleep(0.1)
+        step = AUDIO_RATE // 100
+        for at in range(0, AUDIO_RATE, step):  # one second of 1000 Hz in 10 ms chunks, about as QEMU sends them
+            wave = (round(8000 * math.sin(2 * math.pi * 1000 * n / AUDIO_RATE)) for n in range(at, at + step))
+            sound.play(array.array("h", (v for v in wave for _ in range(2))).tobytes())
+            time.sleep(0.01)
+        assert sound.playing
+        time.sleep(0.5)  # the end of it, through the server
+        sound.stop()
+        recorder.terminate()
+        recorder.wait()
+    assert not told
+    assert_tone(mono(recording.read_bytes()), 1000)

@@ -31,7 +31,7 @@ PLAYERS: tuple[tuple[str, ...], ...] = (
 NO_PLAYER = ("The session's sound cannot play: neither pacat (PulseAudio) nor pw-cat (PipeWire) is installed; "
              "install pulseaudio-utils or pipewire-bin to hear it.")
 PLAYER_FAILED = ("The session's sound stopped: {player} could not play it (is your sound server running?); "
-                 "reopen the session's window to try again.")
+                 "press Mute twice to try again.")
 
 
 class SoundOut:
