@@ -51,6 +51,7 @@ from .store.replicate import Transfer, TransferProgress, replicate
 from .store.repo import CheckpointInfo
 from .units import size_text
 from .vm.migrate import MigrationProgress
+from .vm.qemu import account_line
 
 log = logging.getLogger("session_manager")
 
@@ -156,9 +157,10 @@ class Cli:
         if Session(self.engine.home, a.name).exists():
             raise UsageError(f"A session named {a.name!r} already exists; choose another name or delete it first.")
         try:
-            account = desktop.account_line(a.user, password_hash(self._desktop_password(a.user)))
+            account_line(a.user, "!")  # the name, before the password is asked for
         except ValueError as e:
-            raise UsageError(f"{a.user!r} cannot be an account name. {e}") from None
+            raise UsageError(f"{a.user!r} cannot be an account name: {e}") from None
+        account = account_line(a.user, password_hash(self._desktop_password(a.user)))
         outdir = self.engine.home.bases / desktop.recipe_id()
         if not desktop.built(outdir):
             print(f"Building the desktop image from Debian's packages into {outdir} (once; about 3 minutes and "

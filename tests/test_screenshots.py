@@ -17,7 +17,7 @@ import pytest
 from PySide6.QtGui import QImage
 
 from helpers import ROOT
-from helpers.cli import Sm
+from helpers.desktop import Desktop
 from helpers.x11 import Xvfb
 
 
@@ -27,19 +27,23 @@ def distinct_colours(image: QImage) -> int:
 
 
 @pytest.mark.qemu
+@pytest.mark.desktop
 @pytest.mark.xvfb_screen("1280x960x24")
-def test_screenshots(sm: Sm, guest: tuple[Path, Path], xvfb: Xvfb, tmp_path: Path) -> None:
+def test_screenshots(desktop: Desktop, xvfb: Xvfb, tmp_path: Path) -> None:
     out = Path(os.environ.get("SM_SCREENSHOTS", tmp_path / "screenshots"))
-    sm.new_guest("desktop", guest)
-    sm("start", "desktop")
-    serial = sm.serial("desktop")
-    serial.wait_counter(3)
-    sm("checkpoint", "desktop", "-m", "before the upgrade")
-    sm("checkpoint", "desktop")
-    first = sm("checkpoints", "desktop", "--json").json()[0]["id"]
-    sm("restore", "desktop", first)  # a branch, and a "before restoring" checkpoint
-    serial.wait_counter(2, since=serial.last_start())
-    sm("checkpoint", "desktop", "-m", "tried the other way")
+    sm, name = desktop.sm, desktop.name
+    desktop.kill("mousepad")
+    desktop.run("xfce4-terminal --disable-server --geometry 90x24+60+60 >/dev/null 2>&1 &")
+    desktop.out("xdotool search --sync --onlyvisible --class xfce4-terminal")
+    sm("checkpoint", name, "-m", "before the upgrade")
+    desktop.run("mousepad --disable-server >/dev/null 2>&1 &")
+    desktop.out("xdotool search --sync --onlyvisible --name Mousepad windowactivate --sync")
+    desktop.out("xdotool type --delay 10 'Notes for Monday: everything here survives a crash.'")
+    sm("checkpoint", name)
+    first = sm("checkpoints", name, "--json").json()[-2]["id"]
+    sm("restore", name, first)  # a branch, and a "before restoring" checkpoint
+    desktop.out("xdotool type --delay 10 'ls ~/Downloads'")
+    sm("checkpoint", name, "-m", "tried the other way")
 
     trayer = subprocess.Popen(["trayer", "--edge", "top", "--align", "right", "--widthtype", "request",
                                "--height", "28", "--transparent", "false", "--tint", "0x303438"],
@@ -47,12 +51,13 @@ def test_screenshots(sm: Sm, guest: tuple[Path, Path], xvfb: Xvfb, tmp_path: Pat
     try:
         time.sleep(1)
         assert trayer.poll() is None, "trayer exited"
-        shot = subprocess.run([sys.executable, str(ROOT / "tests" / "shoot.py"), str(sm.home), "desktop", str(out)],
+        shot = subprocess.run([sys.executable, str(ROOT / "tests" / "shoot.py"), str(sm.home), name, str(out)],
                               env={**xvfb.env, "SESSION_MANAGER_ACCEL": "tcg"}, cwd=ROOT, capture_output=True,
                               text=True, timeout=180)
     finally:
         trayer.terminate()
         trayer.wait(10)
+        desktop.kill("xfce4-terminal")
     assert shot.returncode == 0, shot.stderr
     result = json.loads(shot.stdout.splitlines()[-1])
     assert result["tray"], "no system tray: trayer did not provide one"

@@ -16,17 +16,18 @@ packages that start from one ``startxfce4``, and its terminal, editor and settin
 Firefox), which keeps the image small and the look consistent.
 
 The account is not in the image, so one base serves every person: at the first boot ``sm-firstboot`` reads the name
-and password hash that QEMU hands over (fw_cfg ``opt/org.session-manager/account``, see :func:`account_line`),
+and password hash that QEMU hands over (fw_cfg ``opt/org.session-manager/account``, see vm/qemu.py ``account_line``),
 creates the account and logs it in automatically from then on.  When the desktop is up the guest writes
 ``desktop ready`` on its serial line (COM1, the session's serial.log), which tests and the first start wait for.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
-import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -43,7 +44,7 @@ IMAGE_SIZE = 32 << 30  # the root file system's size; sparse, so only what is us
 PACKAGES = [
     "linux-image-amd64", "systemd-sysv", "udev", "dbus", "sudo", "procps", "less", "ca-certificates",
     "xserver-xorg-core", "xserver-xorg-input-libinput", "xinit", "x11-xserver-utils", "dbus-x11",
-    "xfce4-session", "xfwm4", "xfce4-panel", "xfdesktop4", "xfce4-settings", "xfce4-terminal", "mousepad",
+    "xfce4-session", "xfwm4", "xfce4-panel", "xfdesktop4", "xfce4-settings", "xfce4-terminal", "mousepad", "thunar",
     "fonts-dejavu-core", "adwaita-icon-theme",
     # the agents: clipboard and screen size (spice-vdagent), files in and the clock (qemu-guest-agent)
     "spice-vdagent", "qemu-guest-agent",
@@ -105,13 +106,21 @@ RestartSec=2
 [Install]
 WantedBy=graphical.target
 """),
+    "/usr/local/sbin/sm-ready": (0o755, """#!/bin/sh
+# "desktop ready" on the serial line once the panel is on the screen (Xfce's last part to appear).
+user=$(cat /etc/session-manager/user)
+until su - "$user" -c 'DISPLAY=:0 xdotool search --onlyvisible --classname xfce4-panel' >/dev/null 2>&1; do
+    sleep 1
+done
+echo "desktop ready" > /dev/ttyS0
+"""),
     "/etc/systemd/system/sm-ready.service": (0o644, """[Unit]
 Description=Say on the serial line when the desktop is up (session-manager)
 After=sm-desktop.service
 
 [Service]
 Type=oneshot
-ExecStart=/bin/sh -c 'until pgrep -x xfdesktop >/dev/null; do sleep 0.5; done; echo "desktop ready" > /dev/ttyS0'
+ExecStart=/usr/local/sbin/sm-ready
 
 [Install]
 WantedBy=graphical.target
@@ -127,6 +136,9 @@ SETUP_COMMANDS = [
     "apt-mark hold linux-image-amd64 $(dpkg-query -W -f '${Package}\\n' 'linux-image-[0-9]*')",
     "apt-get clean",
 ]
+
+
+SUBID_FILES = ("/etc/subuid", "/etc/subgid")  # the ranges of ids mmdebstrap's unshare mode maps
 
 
 class BuildError(SessionManagerError):
@@ -155,7 +167,7 @@ def missing_tools() -> str | None:
     if not shutil.which("newuidmap"):
         return "Building a desktop as an ordinary user needs newuidmap; install it with `sudo apt-get install uidmap`."
     user = _user_name()
-    for file in ("/etc/subuid", "/etc/subgid"):
+    for file in SUBID_FILES:
         try:
             listed = any(line.split(":")[0] == user for line in Path(file).read_text().splitlines())
         except OSError:
@@ -196,38 +208,50 @@ def build(outdir: Path, *, progress: Callable[[int, str], None] | None = None) -
     if why:
         raise BuildError(why)
     outdir.parent.mkdir(parents=True, exist_ok=True)
+    with open(outdir.with_name(outdir.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; who waited finds it built
+        if not built(outdir):
+            _build(outdir, progress or (lambda percent, text: None))
+    return outdir
+
+
+def _build(outdir: Path, report: Callable[[int, str], None]) -> None:
     work = outdir.with_name(outdir.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
+    # In unshare mode the hooks run as the namespace's root, which is one of this user's subordinate ids: it may
+    # write the results here only if everyone may (the folder above is this user's own).
+    unshare = os.geteuid() != 0
     work.mkdir(mode=0o755)
+    if unshare:
+        work.chmod(0o777)
     files = work / "files"
     for path, (mode, text) in GUEST_FILES.items():
         target = files / path.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
         target.chmod(mode)
-    stage = work / "stage"
     raw = work / "root.img"
+    out, stage = shlex.quote(str(work)), '"$1"/sm-stage'
     hooks = [
-        f'cp -a {files}/. "$1"/',
+        f'cp -R --preserve=mode {shlex.quote(str(files))}/. "$1"/',
         *(f'chroot "$1" sh -c "{cmd}"' for cmd in (c.replace('"', '\\"').replace("$", "\\$") for c in SETUP_COMMANDS)),
-        f'cp -L "$1"/vmlinuz {work}/vmlinuz && cp -L "$1"/initrd.img {work}/initrd.img',
+        f'cp -L "$1"/vmlinuz {out}/vmlinuz && cp -L "$1"/initrd.img {out}/initrd.img',
         # mke2fs -d copies a directory; /proc, /sys and /dev are mounted in the chroot now, so copy the one file
-        # system out first.
-        f'mkdir {stage} && tar -C "$1" --one-file-system -cf - . | tar -C {stage} -xpf -',
+        # system aside first (inside mmdebstrap's own temporary folder, which it removes even after a failure) ...
+        f'mkdir {stage} && tar -C "$1" --one-file-system --exclude=./sm-stage -cf - . | tar -C {stage} -xpf -',
         # ... and undo there what mmdebstrap undoes only after the hooks: its service blockers and apt settings.
         f'cd {stage} && rm -f usr/sbin/policy-rc.d etc/apt/apt.conf.d/00mmdebstrap etc/apt/apt.conf.d/99mmdebstrap '
-        f'etc/dpkg/dpkg.cfg.d/99mmdebstrap && mv sbin/start-stop-daemon.REAL sbin/start-stop-daemon '
-        f'&& : > etc/machine-id && rm -rf var/lib/apt/lists/* var/cache/apt/*.bin',
-        f'mke2fs -q -t ext4 -L root -d {stage} {raw} {IMAGE_SIZE // (1 << 20)}M && rm -rf {stage}',
+        'etc/dpkg/dpkg.cfg.d/99mmdebstrap && mv sbin/start-stop-daemon.REAL sbin/start-stop-daemon '
+        '&& : > etc/machine-id && rm -rf var/lib/apt/lists/* var/cache/apt/*.bin',
+        f'mke2fs -q -t ext4 -L root -d {stage} {shlex.quote(str(raw))} {IMAGE_SIZE // (1 << 20)}M && rm -rf {stage}',
     ]
-    argv = ["mmdebstrap", "--variant=apt", "--mode=" + ("root" if os.geteuid() == 0 else "unshare"),
+    argv = ["mmdebstrap", "--variant=apt", "--mode=" + ("unshare" if unshare else "root"),
             "--include=" + ",".join(PACKAGES),
             *(f"--customize-hook={h}" for h in hooks), SUITE, "/dev/null"]
-    report = progress or (lambda percent, text: None)
     report(0, "starting")
     lines: list[str] = []
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TMPDIR": str(work)} if os.geteuid() else None)
+                            env={**os.environ, "TMPDIR": str(work)} if unshare else None)
     assert proc.stderr is not None
     for line in proc.stderr:
         lines.append(line.rstrip())
@@ -235,8 +259,8 @@ def build(outdir: Path, *, progress: Callable[[int, str], None] | None = None) -
             if mark in line:
                 report(percent, text)
     if proc.wait() != 0:
-        last = next((ln for ln in reversed(lines) if ln.startswith("E:")), lines[-1] if lines else "no output")
-        raise BuildError(f"Building the desktop image failed ({last[:200]}); check the network and the disk space, "
+        first = next((ln for ln in lines if ln.startswith("E:")), lines[-1] if lines else "no output")
+        raise BuildError(f"Building the desktop image failed ({first[:200]}); check the network and the disk space, "
                          f"then try again.")
     report(90, "compressing the base image")
     qemu_img = shutil.which("qemu-img") or "qemu-img"
@@ -247,23 +271,11 @@ def build(outdir: Path, *, progress: Callable[[int, str], None] | None = None) -
     raw.unlink()
     shutil.rmtree(files)
     (work / "base.qcow2").chmod(0o444)
+    work.chmod(0o755)
     (work / "recipe.json").write_text(json.dumps(recipe(), indent=1))
     shutil.rmtree(outdir, ignore_errors=True)
     work.rename(outdir)
     report(100, "done")
-    return outdir
-
-
-ACCOUNT = re.compile(r"[a-z_][a-z0-9_-]{0,31} (?:[!*]|\$[0-9a-z]+\$[./0-9A-Za-z$=,-]+)")
-
-
-def account_line(name: str, password_hash: str) -> str:
-    """What the image's first boot reads from fw_cfg to create its account: "NAME HASH"; ValueError if unusable."""
-    line = f"{name} {password_hash}"
-    if not ACCOUNT.fullmatch(line):
-        raise ValueError("The account name must be lower-case letters, digits, _ or - (starting with a letter or _), "
-                         "at most 32 characters.")
-    return line
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ import tomli_w
 from ..errors import DamagedError, NotFoundError, UsageError
 from ..files import atomic_write
 from ..paths import Home, check_name, valid_name
+from ..vm.qemu import ACCOUNT
 
 BootKind = Literal["kernel", "disk", "iso"]
 
@@ -50,7 +51,7 @@ class SessionConfig:
     # A desktop's devices: a sound card and the channels of the guest's agents (qemu-guest-agent, spice-vdagent).
     # Fixed at creation, as every device is: a checkpoint loads only into the devices it was taken with.
     desktop: bool = False
-    # A desktop image's account, created at its first boot: "NAME HASH" (guests/desktop.py account_line).
+    # A desktop image's account, created at its first boot: "NAME HASH" (vm/qemu.py account_line).
     account: str | None = None
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
@@ -69,7 +70,7 @@ class SessionConfig:
             config = cls(**fields)
             check_name(config.name)
             if not _MACHINE.fullmatch(config.machine) or config.boot not in ("kernel", "disk", "iso") \
-                    or config.disk_size <= 0:
+                    or config.disk_size <= 0 or (config.account is not None and not ACCOUNT.fullmatch(config.account)):
                 raise ValueError(config)
         except (TypeError, ValueError, UsageError):
             raise ValueError("malformed session config") from None

@@ -329,8 +329,19 @@ def command_line(
 
 
 AUDIODEV = "snd0"
-# The account a desktop image creates at its first boot (guests/desktop.py reads it): "NAME HASH".
+# The account a desktop image creates at its first boot (guests/desktop.py reads it): "NAME HASH", HASH as crypt(3)
+# writes it ($6$...) or "!" for none.
 ACCOUNT_FW_CFG = "opt/org.session-manager/account"
+ACCOUNT = re.compile(r"[a-z_][a-z0-9_-]{0,31} (?:[!*]|\$[0-9a-z]+\$[./0-9A-Za-z$=,-]+)")
+
+
+def account_line(name: str, password_hash: str) -> str:
+    """The account line for ACCOUNT_FW_CFG; ValueError (a sentence) if the name cannot be an account's."""
+    line = f"{name} {password_hash}"
+    if not ACCOUNT.fullmatch(line):
+        raise ValueError("an account name is lower-case letters, digits, _ and -, starting with a letter or _, at "
+                         "most 32 characters.")
+    return line
 
 
 def desktop_devices(sockets: Sockets) -> list[str]:

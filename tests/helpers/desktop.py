@@ -65,7 +65,7 @@ class Desktop:
 
     def run(self, command: str, *, user: bool = True, timeout: float = 60) -> ExecResult:
         """Run a shell command in the guest, as the account on its X display (or as root)."""
-        argv = (["su", "-", USER, "-c", f"DISPLAY=:0 {command}"] if user else ["/bin/sh", "-c", command])
+        argv = (["su", "-", USER, "-c", f"export DISPLAY=:0; {command}"] if user else ["/bin/sh", "-c", command])
 
         async def go() -> ExecResult:
             async with GuestAgent.connect(self.sockets.guest_agent, timeout=30) as agent:
