@@ -29,9 +29,9 @@ apt_packages=(qemu-system-x86 qemu-utils python3-venv mmdebstrap uidmap openssl
               libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-render-util0 libxcb-render0
               libxcb-shape0 libxcb-util1 libxcb-xkb1 libxkbcommon-x11-0)
 # The tests also run an X server with a tray, a second VNC server, a key presser, the validators
-# of the .desktop and AppStream files, and two "hosts" (network namespaces, a veth, tc).
+# of the .desktop and AppStream files, two "hosts" (network namespaces, a veth, tc) and a sound server.
 [ "$mode" = test ] && apt_packages+=(xvfb xauth trayer xdotool tigervnc-standalone-server tigervnc-tools appstream gnome-keyring dbus-daemon
-                                     desktop-file-utils iproute2)
+                                     desktop-file-utils iproute2 pulseaudio pulseaudio-utils)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -106,6 +106,7 @@ class App(QObject):
         self.window.timelineRequested.connect(self.show_timeline)
         self.window.settingsRequested.connect(self.show_settings)
         self.window.closed.connect(self._window_closed)
+        self.window.mute_action.toggled.connect(self._muted)
         self.window.viewer.shortcutPressed.connect(self._viewer_shortcut)
         self.timeline.restoreRequested.connect(self.request_restore)
         self.hotkey.activated.connect(lambda: self.service.checkpoint_now())
@@ -130,6 +131,7 @@ class App(QObject):
         s = self.settings
         self.window.viewer.set_shortcuts([s.checkpoint_shortcut, FULL_SCREEN])
         self.window.grab_action.setChecked(s.keyboard_grab)
+        self.window.mute_action.setChecked(s.sound_muted)
         self.window.viewer.set_scaled(s.scale == "fit")
         try:
             self.hotkey.register(s.checkpoint_shortcut)
@@ -198,6 +200,11 @@ class App(QObject):
             self.settings.save(self.engine.home)
             self.apply_settings()
             self.background.set_policy(self.settings)
+
+    def _muted(self, muted: bool) -> None:
+        if muted != self.settings.sound_muted:
+            self.settings.sound_muted = muted
+            self.settings.save(self.engine.home)
 
     def request_restore(self, ckpt_id: str) -> None:
         """Every way of rolling back (drop, double-click, menus) ends here: confirm, then restore."""

@@ -7,7 +7,18 @@ No Qt here: the owner sets the ``on_*`` callbacks (called on the loop thread), r
 Encodings asked for: Raw and CopyRect over local sockets; over TCP Zlib first (one zlib stream
 per connection) with CompressLevel 1, as QEMU's default level is too slow for full-screen changes.
 Pseudo-encodings: DesktopSize, ExtendedDesktopSize and QEMU's Extended Key Event, Pointer Motion
-Change and LED state.  Security: None, or VNC authentication (DES, done here) when a password is given.
+Change, LED state and Audio.  Security: None, or VNC authentication (DES, done here) when a password is given.
+
+QEMU's audio extension (ui/vnc.c; all integers big-endian):
+
+- The client lists pseudo-encoding -259; a QEMU with an audiodev on its VNC display acknowledges it with a
+  FramebufferUpdate of one rectangle in that encoding (the screen's size, no payload).  Other servers ignore it.
+- Client message 255 (QEMU), submessage 1 (audio), u16 operation: 0 enable (QEMU starts capturing the guest's
+  output for this client), 1 disable, 2 set format followed by u8 format (0 U8, 1 S8, 2 U16, 3 S16, 4 U32, 5 S32),
+  u8 channels (1 or 2) and u32 frequency (at most 48000).  Set the format before enabling: QEMU reads it then.
+  QEMU's default is what we ask for anyway: S16 (little-endian), 2 channels, 44100 Hz.
+- Server message 255, submessage 1, u16 operation: 0 end, 1 begin (capture stopped/started), 2 data followed by
+  u32 length and that many bytes of interleaved PCM.  QEMU drops data rather than queue it behind a slow client.
 
 Receiving goes through a buffered protocol rather than asyncio streams: pixel payloads are read
 by the kernel straight into the framebuffer (Raw) or into one reusable buffer (Zlib), and the
@@ -42,9 +53,11 @@ EXTENDED_DESKTOP_SIZE = -308
 QEMU_POINTER_MOTION_CHANGE = -257
 QEMU_EXTENDED_KEY_EVENT = -258
 QEMU_LED_STATE = -261
+QEMU_AUDIO = -259
 COMPRESS_LEVEL_1 = -255  # -256 + level
 
-_PSEUDO = (DESKTOP_SIZE, EXTENDED_DESKTOP_SIZE, QEMU_EXTENDED_KEY_EVENT, QEMU_POINTER_MOTION_CHANGE, QEMU_LED_STATE)
+_PSEUDO = (DESKTOP_SIZE, EXTENDED_DESKTOP_SIZE, QEMU_EXTENDED_KEY_EVENT, QEMU_POINTER_MOTION_CHANGE, QEMU_LED_STATE,
+           QEMU_AUDIO)
 # Over a local socket bytes cost nothing and compressing costs both ends CPU: Raw, which the
 # kernel copies straight into the framebuffer (benchmarks/viewer.py: 2-3x the frame rate of Zlib).
 LOCAL_ENCODINGS: tuple[int, ...] = (RAW, COPY_RECT, *_PSEUDO)
@@ -59,6 +72,12 @@ HANDSHAKE_TIMEOUT = 15.0
 BUFFER_SIZE = 1 << 20  # receive buffer for everything but pixel payloads
 PAUSE_ABOVE = 16 << 20  # stop reading the socket while this much is received but not yet consumed
 MAX_STRING = 1 << 20  # longest name, reason or cut text we accept
+
+# The sound we ask QEMU for: signed 16 bit little-endian, stereo, 44100 Hz (QEMU's own default, hda's rate).
+AUDIO_RATE = 44100
+AUDIO_CHANNELS = 2
+AUDIO_S16 = 3
+MAX_AUDIO_CHUNK = 1 << 20  # QEMU sends a few KB at a time; 1 MiB is 6 s of sound
 
 SECURITY_NONE = 1
 SECURITY_VNC_AUTH = 2
@@ -79,6 +98,7 @@ class RfbClient:
     supports_ext_keys: bool
     absolute_pointer: bool | None
     leds: int | None
+    supports_audio: bool
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
@@ -92,12 +112,15 @@ class RfbClient:
         self.supports_ext_keys = False
         self.absolute_pointer = None
         self.leds = None
+        self.supports_audio = False
+        self._audio_wanted = self._audio_on = False
         self.on_update: Callable[[int, int, int, int], None] | None = None
         self.on_frame: Callable[[], None] | None = None
         self.on_resize: Callable[[int, int], None] | None = None
         self.on_leds: Callable[[int], None] | None = None
         self.on_pointer_mode: Callable[[bool], None] | None = None
         self.on_bell: Callable[[], None] | None = None
+        self.on_audio: Callable[[bytes], None] | None = None
 
     # -- connecting ------------------------------------------------------------------------------
 
@@ -259,6 +282,8 @@ class RfbClient:
                         raise RfbError(
                             f"The display server sent {length} bytes of clipboard text, which is not plausible.")
                     await self._conn.skip(length)
+                elif kind == b"\xff":
+                    await self._qemu_message()
                 else:
                     raise RfbError(f"The display server sent an unknown message (type {kind[0]}).")
         except asyncio.IncompleteReadError as e:
@@ -269,6 +294,20 @@ class RfbClient:
             if self._closing:
                 return
             raise RfbError(f"The connection to the display server broke: {e.strerror or e}.") from e
+
+    async def _qemu_message(self) -> None:
+        submessage, operation = struct.unpack(">BH", await self._conn.read(3))
+        if submessage != 1:
+            raise RfbError(f"The display server sent an unknown QEMU message (submessage {submessage}).")
+        if operation == 2:
+            (length,) = struct.unpack(">I", await self._conn.read(4))
+            if length > MAX_AUDIO_CHUNK:
+                raise RfbError(f"The display server sent {length} bytes of sound at once, which is not plausible.")
+            data = await self._conn.read(length)
+            if self.on_audio and self._audio_on:
+                self.on_audio(data)
+        elif operation > 2:
+            raise RfbError(f"The display server sent an unknown audio operation ({operation}).")
 
     async def _framebuffer_update(self) -> None:
         read = self._conn.read
@@ -318,6 +357,10 @@ class RfbClient:
                 self.absolute_pointer = x != 0
                 if self.on_pointer_mode:
                     self.on_pointer_mode(self.absolute_pointer)
+                continue
+            elif encoding == QEMU_AUDIO:
+                self.supports_audio = True
+                self._send_audio()
                 continue
             elif encoding == QEMU_LED_STATE:
                 (self.leds,) = await read(1)
@@ -397,6 +440,20 @@ class RfbClient:
             self._send(struct.pack(">BBHII", 255, 0, 1 if down else 0, keysym, qnum(scancode)))
         else:
             self._send(struct.pack(">BBxxI", 4, 1 if down else 0, keysym))
+
+    def set_audio(self, on: bool) -> None:
+        """Have the server send the guest's sound (PCM as AUDIO_RATE, AUDIO_CHANNELS, s16le) to ``on_audio``, or stop
+        it sending.  Kept until the server acknowledges QEMU's audio extension; a server without it sends nothing."""
+        self._audio_wanted = on
+        self._send_audio()
+
+    def _send_audio(self) -> None:
+        if not self.supports_audio or self._audio_on == self._audio_wanted:
+            return
+        self._audio_on = self._audio_wanted
+        if self._audio_on:
+            self._send(struct.pack(">BBHBBI", 255, 1, 2, AUDIO_S16, AUDIO_CHANNELS, AUDIO_RATE))
+        self._send(struct.pack(">BBH", 255, 1, 0 if self._audio_on else 1))
 
     def pointer_event(self, x: int, y: int, buttons: int) -> None:
         """Move the pointer to framebuffer position ``x``, ``y`` with ``buttons`` held

@@ -23,7 +23,10 @@ from helpers.qemu import Serial
 from helpers.rfb import SCANCODES, Events, assert_matches_screendump, tap, type_text, wait_serial
 from helpers.x11 import xlib_display
 from session_manager.rfb import (
+    AUDIO_CHANNELS,
+    AUDIO_RATE,
     LOCAL_ENCODINGS,
+    MAX_AUDIO_CHUNK,
     NETWORK_ENCODINGS,
     PIXEL_FORMAT,
     RfbClient,
@@ -302,8 +305,71 @@ def test_rfb_3_3_server_with_vnc_authentication() -> None:
     run(scenario())
 
 
+def audio(operation: int, payload: bytes = b"") -> bytes:
+    """QEMU's server message 255, submessage 1 (audio): 0 end, 1 begin, 2 data (u32 length + PCM)."""
+    data = struct.pack(">I", len(payload)) + payload if operation == 2 else b""
+    return struct.pack(">BBH", 255, 1, operation) + data
+
+
+def audio_request(operation: int) -> bytes:
+    """What the client sends: 255, 1, then 0 enable, 1 disable or 2 set format (S16, channels, rate)."""
+    extra = struct.pack(">BBI", 3, AUDIO_CHANNELS, AUDIO_RATE) if operation == 2 else b""
+    return struct.pack(">BBH", 255, 1, operation) + extra
+
+
+def test_audio_is_asked_for_once_acknowledged_and_its_pcm_delivered() -> None:
+    async def scenario() -> None:
+        client, fake = await connected()
+        pcm: list[bytes] = []
+        bells: list[None] = []
+        client.on_audio = pcm.append
+        client.on_bell = lambda: bells.append(None)
+        task = asyncio.create_task(client.run())
+        client.set_audio(True)  # not acknowledged yet: nothing is sent
+        await fake.send(update(rect(0, 0, 4, 3, -259)))
+        assert await fake.recv(24) == audio_request(2) + audio_request(0) + request(True, 4, 3)
+        assert client.supports_audio
+        await fake.send(audio(1), audio(2, b"\x01\x00\x02\x00"), audio(2, b""), audio(2, bytes(4096)), audio(0))
+        await until(lambda: len(pcm) == 3, "three chunks of sound")
+        assert pcm == [b"\x01\x00\x02\x00", b"", bytes(4096)]
+        client.set_audio(False)
+        client.set_audio(False)  # once is enough
+        assert await fake.recv(4) == audio_request(1)
+        await fake.send(audio(2, b"late"), b"\x02")  # sent before the server read the disable: dropped
+        await until(lambda: bells, "the bell after the late sound")
+        client.set_audio(True)
+        assert await fake.recv(14) == audio_request(2) + audio_request(0)
+        await fake.send(audio(2, b"back"))
+        await until(lambda: len(pcm) == 4, "the sound after unmuting")
+        assert pcm[3] == b"back"
+        await client.close()
+        await task
+        await fake.close()
+
+    run(scenario())
+
+
+def test_a_server_without_audio_gets_no_audio_messages() -> None:
+    async def scenario() -> None:
+        client, fake = await connected()
+        task = asyncio.create_task(client.run())
+        client.set_audio(True)
+        client.pointer_event(1, 1, 0)
+        assert await fake.recv(6) == struct.pack(">BBHH", 5, 0, 1, 1)  # the next thing sent: no audio request
+        assert not client.supports_audio
+        await client.close()
+        await task
+        await fake.close()
+
+    run(scenario())
+
+
 @pytest.mark.parametrize(("message", "error"), [
     (b"\x07", "The display server sent an unknown message (type 7)."),
+    (audio(2)[:4] + struct.pack(">I", MAX_AUDIO_CHUNK + 1),
+     f"The display server sent {MAX_AUDIO_CHUNK + 1} bytes of sound at once, which is not plausible."),
+    (struct.pack(">BBH", 255, 1, 3), "The display server sent an unknown audio operation (3)."),
+    (struct.pack(">BBH", 255, 7, 0), "The display server sent an unknown QEMU message (submessage 7)."),
     (update(rect(3, 2, 2, 2, 0, bytes(16))),
      "The display server sent a 2x2 rectangle at 3,2 (encoding 0) outside its 4x3 screen."),
     (update(rect(0, 0, 1, 1, 16, bytes(16))),
@@ -312,7 +378,7 @@ def test_rfb_3_3_server_with_vnc_authentication() -> None:
      ("The display server sent Zlib data that does not decompress (Error -3 while decompressing data: "
       "incorrect header check).")),
     (update(rect(0, 0, 4, 3, 0, bytes(20))), "The display server closed the connection in the middle of a message."),
-], ids=["type", "outside", "encoding", "zlib", "truncated"])
+], ids=["type", "audio-size", "audio-operation", "qemu-submessage", "outside", "encoding", "zlib", "truncated"])
 def test_protocol_errors_end_the_run_with_one_clear_error(message: bytes, error: str) -> None:
     async def scenario() -> None:
         client, fake = await connected()

@@ -30,8 +30,8 @@ def write(home: Home, text: str | bytes) -> Path:
 def test_no_file_means_the_defaults(home: Home) -> None:
     s = Settings.load(home)
     assert s == Settings()
-    assert (s.checkpoint_shortcut, s.confirm_restore, s.keyboard_grab, s.scale, s.show_notifications, s.session) \
-        == ("Ctrl+Alt+S", True, False, "fit", True, None)
+    assert (s.checkpoint_shortcut, s.confirm_restore, s.keyboard_grab, s.scale, s.show_notifications, s.sound_muted,
+            s.session) == ("Ctrl+Alt+S", True, False, "fit", True, False, None)
     assert (s.autosave_minutes, s.autosave_keep_last, s.autosave_keep_minutes, s.autosave_keep_hourly,
             s.autosave_keep_daily) == (2.0, 0, 60.0, 24, 30)  # Time Machine's: the last hour, a day, a month
     assert not home.config.exists()  # loading writes nothing
@@ -39,7 +39,7 @@ def test_no_file_means_the_defaults(home: Home) -> None:
 
 def test_round_trip(home: Home) -> None:
     s = Settings(checkpoint_shortcut="Ctrl+Shift+F12", confirm_restore=False, keyboard_grab=True, scale="1:1",
-                 show_notifications=False, session="work", autosave_minutes=0.5, autosave_keep_last=3,
+                 show_notifications=False, sound_muted=True, session="work", autosave_minutes=0.5, autosave_keep_last=3,
                  autosave_keep_minutes=0, autosave_keep_hourly=0, autosave_keep_daily=7,
                  qemu="/opt/qemu-10/usr/bin/qemu-system-x86_64", arrivals_boot_dirs=["/srv/isos"],
                  arrivals_max_memory_mib=8192, arrivals_max_cpus=4)
@@ -48,8 +48,9 @@ def test_round_trip(home: Home) -> None:
     with open(home.config / "settings.toml", "rb") as f:
         assert tomllib.load(f) == {"checkpoint_shortcut": "Ctrl+Shift+F12", "confirm_restore": False,
                                    "keyboard_grab": True, "scale": "1:1", "show_notifications": False,
-                                   "session": "work", "autosave_minutes": 0.5, "autosave_keep_last": 3,
-                                   "autosave_keep_minutes": 0, "autosave_keep_hourly": 0, "autosave_keep_daily": 7,
+                                   "sound_muted": True, "session": "work", "autosave_minutes": 0.5,
+                                   "autosave_keep_last": 3, "autosave_keep_minutes": 0, "autosave_keep_hourly": 0,
+                                   "autosave_keep_daily": 7,
                                    "qemu": "/opt/qemu-10/usr/bin/qemu-system-x86_64",
                                    "arrivals_boot_dirs": ["/srv/isos"], "arrivals_max_memory_mib": 8192,
                                    "arrivals_max_cpus": 4}

@@ -18,6 +18,7 @@ from PySide6.QtWidgets import QApplication, QLineEdit, QWidget
 from helpers.cli import Sm
 from helpers.qemu import Serial
 from session_manager import rfb
+from session_manager.services import sound
 from session_manager.ui import keymap
 from session_manager.ui import viewer as viewer_module
 from session_manager.ui.viewer import BACKGROUND, NOT_RUNNING, RECONNECTING, VncViewer
@@ -153,8 +154,11 @@ class FakeVnc:
                 self.events.append(("key", bool(down), sym, None))
             elif kind == 5:  # PointerEvent
                 self.events.append(("pointer", *struct.unpack(">BHH", await read(5))))
+            elif kind == 255 and (await read(1))[0] == 1:  # QEMU audio: 0 enable, 1 disable, 2 set format
+                (operation,) = struct.unpack(">H", await read(2))
+                self.events.append(("audio", operation, await read(6) if operation == 2 else b""))
             elif kind == 255:  # QEMU Extended Key Event
-                _, down, sym, code = struct.unpack(">BHII", await read(11))
+                down, sym, code = struct.unpack(">HII", await read(10))
                 self.events.append(("key", bool(down), sym, code))
             else:
                 raise AssertionError(f"unexpected client message {kind}")
@@ -165,6 +169,13 @@ class FakeVnc:
             msg += struct.pack(">HHHHi", x, y, w, h, encoding) + payload
         for writer in self.writers:
             writer.write(msg)
+
+    def send(self, data: bytes) -> None:
+        for writer in self.writers:
+            writer.write(data)
+
+    def audio(self) -> list[int]:
+        return [e[1] for e in self.events if e[0] == "audio"]
 
     def key_events(self) -> list[tuple[bool, int, int | None]]:
         return [e[1:] for e in self.events if e[0] == "key"]
@@ -399,6 +410,25 @@ def test_destroyed_viewer_hangs_up(fake: FakeVnc, aloop: asyncio.AbstractEventLo
     wait(aloop, lambda: gone and writer.is_closing(), "the server to see the client go")
     settle(aloop, 0.1)
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_sound_plays_until_muted(viewer: VncViewer, fake: FakeVnc, aloop: asyncio.AbstractEventLoop,
+                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    played = tmp_path / "played.raw"
+    monkeypatch.setattr(sound, "PLAYERS", [("sh", "-c", f"cat > {played}")])
+    connected(aloop, viewer, fake)
+    fake.update([(0, 0, 64, 48, rfb.QEMU_AUDIO, b"")])  # QEMU acknowledges its audio extension
+    wait(aloop, lambda: fake.audio() == [2, 0], "the format, then enable")
+    assert [e[2] for e in fake.events if e[0] == "audio"][0] == struct.pack(">BBI", 3, 2, 44100)  # S16 stereo
+    pcm = bytes(range(256)) * 4
+    fake.send(struct.pack(">BBHI", 255, 1, 2, len(pcm)) + pcm)
+    wait(aloop, lambda: played.exists() and played.read_bytes() == pcm, "the sound at the player")
+
+    viewer.set_muted(True)
+    wait(aloop, lambda: fake.audio() == [2, 0, 1], "disable")
+    viewer.set_muted(False)
+    wait(aloop, lambda: fake.audio() == [2, 0, 1, 2, 0], "enable again")
+    assert not viewer.is_muted()
 
 
 def test_keyboard_grab(viewer: VncViewer) -> None:

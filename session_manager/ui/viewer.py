@@ -3,7 +3,8 @@
 Like virt-manager's viewer, it knows nothing about QEMU's monitor: it is given the path of the VNC
 socket and speaks RFB to it, or a way to open a display at another installation (a session that moved
 there).  While a target is set it keeps (re)connecting, so the picture comes back by itself when the
-machine restarts or a checkpoint is restored.  Everything runs on the asyncio loop that qasync puts on
+machine restarts or a checkpoint is restored.  The session's sound comes along (unless muted) and plays
+through services/sound.py.  Everything runs on the asyncio loop that qasync puts on
 Qt's event loop; nothing blocks the UI thread.
 """
 
@@ -36,6 +37,7 @@ from PySide6.QtWidgets import QApplication, QWidget
 
 from ..errors import SessionManagerError
 from ..rfb import RfbClient, RfbError
+from ..services.sound import SoundOut
 from . import keymap
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,7 @@ class VncViewer(QWidget):
     resized = Signal(int, int)
     keyboardGrabbed = Signal(bool)
     shortcutPressed = Signal(str)
+    soundFailed = Signal(str)  # the sentence saying why the session's sound cannot play
 
     RETRY_INTERVAL = 0.5
     """Seconds between connection attempts while the display cannot be reached."""
@@ -108,6 +111,9 @@ class VncViewer(QWidget):
         self._tasks = _Tasks()
         self._closing: list[asyncio.Future[None]] = []
         self.destroyed.connect(self._tasks.cancel)
+        self._sound = SoundOut(self.soundFailed.emit)
+        self.destroyed.connect(self._sound.stop)
+        self._muted = False
         self._path: str | None = None
         self._client: RfbClient | None = None
         self._status = ""
@@ -208,6 +214,17 @@ class VncViewer(QWidget):
     def keyboard_grabbed(self) -> bool:
         return self._grabbed
 
+    def set_muted(self, muted: bool) -> None:
+        """Stop the session's sound: the server is told to send none, and the player stops (or start it again)."""
+        self._muted = muted
+        if self._client is not None:
+            self._client.set_audio(not muted)
+        if muted:
+            self._sound.stop()
+
+    def is_muted(self) -> bool:
+        return self._muted
+
     def send_ctrl_alt_del(self) -> None:
         if self._client is not None:
             self._client.send_ctrl_alt_del()
@@ -278,6 +295,8 @@ class VncViewer(QWidget):
         client.on_resize = self._on_resize
         client.on_pointer_mode = self._on_pointer_mode
         client.on_bell = QApplication.beep
+        client.on_audio = self._sound.play
+        client.set_audio(not self._muted)
         self._wrap_framebuffer()
         self._down.clear()
         self._buttons = 0
@@ -291,6 +310,8 @@ class VncViewer(QWidget):
         client = self._client
         if client is not None:
             client.on_update = client.on_resize = client.on_pointer_mode = client.on_bell = None
+            client.on_audio = None
+        self._sound.stop()
         self._client = None
         self._down.clear()
         self._unwrap_framebuffer()
