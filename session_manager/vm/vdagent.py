@@ -225,8 +225,8 @@ class VDAgent:
             return
         (kind,) = _U32.unpack_from(data)
         if type_ == CLIPBOARD_REQUEST:
-            text = self._ours.encode() if self._ours is not None and kind == TYPE_TEXT else b""
-            self._send(CLIPBOARD, selection + _U32.pack(kind) + text)
+            ours = self._ours.encode() if self._ours is not None and kind == TYPE_TEXT else b""
+            self._send(CLIPBOARD, selection + _U32.pack(kind) + ours)
         elif type_ == CLIPBOARD and kind == TYPE_TEXT and self._ours is None:
             text = data[4:].rstrip(b"\0").decode(errors="replace")
             self._guest_text = text
