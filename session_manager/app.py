@@ -108,6 +108,7 @@ class App(QObject):
         self.window.closed.connect(self._window_closed)
         self.window.mute_action.toggled.connect(self._muted)
         self.window.viewer.shortcutPressed.connect(self._viewer_shortcut)
+        self.window.scale_action.toggled.connect(self._remember_scale_desktop)
         self.timeline.restoreRequested.connect(self.request_restore)
         self.hotkey.activated.connect(lambda: self.service.checkpoint_now())
         self.service.checkpointTaken.connect(lambda _: self.background.checkpoint_taken())
@@ -133,6 +134,7 @@ class App(QObject):
         self.window.grab_action.setChecked(s.keyboard_grab)
         self.window.mute_action.setChecked(s.sound_muted)
         self.window.viewer.set_scaled(s.scale == "fit")
+        self.window.scale_action.setChecked(s.scale_desktop)
         try:
             self.hotkey.register(s.checkpoint_shortcut)
         except SessionManagerError as e:
@@ -192,6 +194,11 @@ class App(QObject):
             self.timeline.view.zoom_to_fit()
         self.timeline.raise_()
         self.timeline.activateWindow()
+
+    def _remember_scale_desktop(self, on: bool) -> None:
+        if on != self.settings.scale_desktop:
+            self.settings.scale_desktop = on
+            self.settings.save(self.engine.home)
 
     def show_settings(self) -> None:
         dialog = SettingsDialog(self.settings, self.hotkey.reason, self.window)

@@ -39,7 +39,8 @@ def test_no_file_means_the_defaults(home: Home) -> None:
 
 def test_round_trip(home: Home) -> None:
     s = Settings(checkpoint_shortcut="Ctrl+Shift+F12", confirm_restore=False, keyboard_grab=True, scale="1:1",
-                 show_notifications=False, sound_muted=True, session="work", autosave_minutes=0.5, autosave_keep_last=3,
+                 scale_desktop=True, show_notifications=False, sound_muted=True, session="work", autosave_minutes=0.5,
+                 autosave_keep_last=3,
                  autosave_keep_minutes=0, autosave_keep_hourly=0, autosave_keep_daily=7,
                  qemu="/opt/qemu-10/usr/bin/qemu-system-x86_64", arrivals_boot_dirs=["/srv/isos"],
                  arrivals_max_memory_mib=8192, arrivals_max_cpus=4)
@@ -47,10 +48,10 @@ def test_round_trip(home: Home) -> None:
     assert Settings.load(home) == s
     with open(home.config / "settings.toml", "rb") as f:
         assert tomllib.load(f) == {"checkpoint_shortcut": "Ctrl+Shift+F12", "confirm_restore": False,
-                                   "keyboard_grab": True, "scale": "1:1", "show_notifications": False,
-                                   "sound_muted": True, "session": "work", "autosave_minutes": 0.5,
-                                   "autosave_keep_last": 3, "autosave_keep_minutes": 0, "autosave_keep_hourly": 0,
-                                   "autosave_keep_daily": 7,
+                                   "keyboard_grab": True, "scale": "1:1", "scale_desktop": True,
+                                   "show_notifications": False, "sound_muted": True, "session": "work",
+                                   "autosave_minutes": 0.5, "autosave_keep_last": 3,
+                                   "autosave_keep_minutes": 0, "autosave_keep_hourly": 0, "autosave_keep_daily": 7,
                                    "qemu": "/opt/qemu-10/usr/bin/qemu-system-x86_64",
                                    "arrivals_boot_dirs": ["/srv/isos"], "arrivals_max_memory_mib": 8192,
                                    "arrivals_max_cpus": 4}

@@ -34,6 +34,7 @@ class Settings:
     confirm_restore: bool = True
     keyboard_grab: bool = False  # grab the keyboard while the viewer has focus
     scale: str = "fit"  # "fit": scale the guest's screen to the window; "1:1": one guest pixel per pixel
+    scale_desktop: bool = False  # a desktop keeps its screen size and is scaled, instead of following the window
     show_notifications: bool = True
     sound_muted: bool = False  # the session's sound does not play (the window's Mute button)
     session: str | None = None  # the session the app shows; None: the only (or first) one
@@ -105,7 +106,7 @@ _ADVICE = "fix it, or delete the file to go back to the defaults."
 
 def _problem(key: str, value: Any) -> str | None:
     """What is wrong with ``value`` for the setting ``key``, or None."""
-    if key in ("confirm_restore", "keyboard_grab", "show_notifications", "sound_muted"):
+    if key in ("confirm_restore", "keyboard_grab", "scale_desktop", "show_notifications", "sound_muted"):
         ok = isinstance(value, bool)
         wanted = "true or false"
     elif key == "checkpoint_shortcut":

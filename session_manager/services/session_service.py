@@ -25,7 +25,9 @@ from ..net.handover import open_display
 from ..net.live_migration import describe, migrate
 from ..rfb import RfbClient
 from ..store.repo import CheckpointInfo
+from ..vm.machine import Sockets
 from ..vm.migrate import MigrationProgress
+from .guest_channel import GuestChannel
 from .watch import RepositoryWatcher
 
 log = logging.getLogger(__name__)
@@ -81,11 +83,22 @@ class SessionService(QObject):
         self.reload_checkpoints()
         self._watcher = RepositoryWatcher(engine.home.repository, self)
         self._watcher.changed.connect(self.reload_checkpoints)
+        # A desktop's clipboard and screen size (None for other sessions: their guests have no spice-vdagent).
+        self.guest = GuestChannel(self._sockets().vdagent, self) if self._is_desktop() else None
 
     # -- what the widgets read ----------------------------------------------------------
     @property
     def vnc_socket(self) -> Path:
-        return self.engine.sockets(self.engine.session(self.name)).vnc
+        return self._sockets().vnc
+
+    def _sockets(self) -> Sockets:
+        return self.engine.sockets(self.engine.session(self.name))
+
+    def _is_desktop(self) -> bool:
+        try:
+            return self.engine.session(self.name).load_config().desktop
+        except SessionManagerError:
+            return False
 
     @property
     def busy(self) -> bool:
@@ -201,6 +214,8 @@ class SessionService(QObject):
         """Stop watching; the session itself keeps running."""
         self._poll.stop()
         self._watcher.stop()
+        if self.guest is not None:
+            self.guest.close()
 
     def cancel(self) -> None:
         if self.can_cancel:
@@ -283,7 +298,7 @@ class SessionService(QObject):
         if self.busy:
             return
         try:
-            pid = self.engine.sockets(self.engine.session(self.name)).pid()
+            pid = self._sockets().pid()
         except SessionManagerError:
             pid = None
         if pid is None and self.crash is None and self.engine.crashed(self.name):

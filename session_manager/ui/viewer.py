@@ -88,7 +88,8 @@ class VncViewer(QWidget):
 
     connected = Signal()
     disconnected = Signal(str)
-    resized = Signal(int, int)
+    resized = Signal(int, int)  # the remote screen's new size
+    areaResized = Signal()  # this widget changed size: see device_size()
     keyboardGrabbed = Signal(bool)
     shortcutPressed = Signal(str)
     soundFailed = Signal(str)  # the sentence saying why the session's sound cannot play
@@ -413,6 +414,12 @@ class VncViewer(QWidget):
     def resizeEvent(self, event: QResizeEvent) -> None:
         self.update()
         super().resizeEvent(event)
+        self.areaResized.emit()
+
+    def device_size(self) -> QSize:
+        """This widget's size in device pixels: a remote screen of this size is shown sharp, unscaled."""
+        ratio = self.devicePixelRatioF()
+        return QSize(round(self.width() * ratio), round(self.height() * ratio))
 
     # -- keyboard ----------------------------------------------------------------------
     def focusNextPrevChild(self, next: bool) -> bool:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, QMimeData, QPropertyAnimation, Qt, Signal
+from PySide6.QtCore import QByteArray, QEvent, QMimeData, QPropertyAnimation, Qt, QTimer, Signal
 from PySide6.QtGui import (
     QAction,
+    QClipboard,
     QCloseEvent,
     QDragEnterEvent,
     QDropEvent,
@@ -34,6 +35,7 @@ from .timeline import TimelineView, checkpoint_from_mime
 from .viewer import VncViewer
 
 FULL_SCREEN = "Shift+F11"  # as remote-viewer: plain F11 belongs to the guest
+SCREEN_DEBOUNCE_MS = 300  # a desktop's screen follows the window once it has stopped changing size this long
 
 
 def _local_files(data: QMimeData) -> list[Path]:
@@ -89,6 +91,12 @@ class SessionWindow(QMainWindow):
         self.full_action = QAction("Full screen", self, checkable=True, shortcut=QKeySequence(FULL_SCREEN))
         self.full_action.toggled.connect(self._full_screen)
         bar.addAction(self.full_action)
+        self.scale_action = QAction("Scale instead", self, checkable=True)
+        self.scale_action.setToolTip("Keep the desktop's screen size and scale its picture to the window, instead "
+                                     "of resizing the desktop to fit the window")
+        self.scale_action.setVisible(service.guest is not None)
+        self.scale_action.toggled.connect(self._follow_size)
+        bar.addAction(self.scale_action)
         bar.addSeparator()
         self.suspend_action = bar.addAction("Suspend", lambda: service.suspend())
         self.shut_down_action = bar.addAction("Shut down", self._shut_down)
@@ -114,6 +122,42 @@ class SessionWindow(QMainWindow):
         service.failed.connect(lambda message: self.statusBar().showMessage(message, 15000))
         service.info.connect(lambda message: self.statusBar().showMessage(message, 15000))
         self._state_changed(service.state.value)
+
+        # A desktop's screen follows the viewer's size, and its clipboard is shared while this window is active.
+        self._screen_timer = QTimer(self, singleShot=True, interval=SCREEN_DEBOUNCE_MS)
+        self._screen_timer.timeout.connect(self._send_screen)
+        if service.guest is not None:
+            self.viewer.areaResized.connect(self._follow_size)
+            QApplication.clipboard().dataChanged.connect(self._host_copied)
+            service.guest.clipboardChanged.connect(self._guest_copied)
+
+    # -- a desktop's screen size and clipboard ------------------------------------------------------
+    def _follow_size(self, *_: object) -> None:
+        if not self.scale_action.isChecked():
+            self._screen_timer.start()
+
+    def _send_screen(self) -> None:
+        size = self.viewer.device_size()
+        if self.service.guest is not None and not self.scale_action.isChecked():
+            self.service.guest.set_screen(size.width(), size.height())
+
+    def _host_copied(self) -> None:
+        """Only while this window is active: what is copied elsewhere (a password from a password manager, say)
+        is not the guest's business, and would be kept in its checkpoints.  Activating the window sends it."""
+        text = QApplication.clipboard().text(QClipboard.Mode.Clipboard)
+        if self.service.guest is not None and self.isActiveWindow() and text:
+            self.service.guest.set_clipboard(text)
+
+    def _guest_copied(self, text: str) -> None:
+        """Only while this window is active too: a guest may not write the computer's clipboard behind the
+        user's back."""
+        if self.isActiveWindow():
+            QApplication.clipboard().setText(text, QClipboard.Mode.Clipboard)
+
+    def changeEvent(self, event: QEvent) -> None:
+        if event.type() == QEvent.Type.ActivationChange and self.isActiveWindow():
+            self._host_copied()
+        super().changeEvent(event)
 
     # -- pages ------------------------------------------------------------------------------
     def _stopped_page(self) -> QWidget:
