@@ -13,9 +13,15 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from PySide6.QtWidgets import QApplication
 
+from helpers.aio import until
 from helpers.desktop import Desktop
 from helpers.qemu import SessionQmp
+from session_manager.app import App
+from session_manager.local.engine import Engine
+from session_manager.local.settings import Settings
+from session_manager.paths import Home
 from session_manager.services.guest_channel import GuestChannel
 
 pytestmark = [pytest.mark.qemu, pytest.mark.desktop]
@@ -69,3 +75,50 @@ def test_clipboard_and_screen_size_also_after_a_restore_and_an_app_restart(deskt
         await check(desktop, channel, copied, tmp_path, "after the app restarted", (1280, 800))
         channel.close()
     asyncio.run(go())
+
+
+def test_the_window_resizes_the_desktop_unless_told_to_scale_and_shares_the_clipboard(
+        desktop: Desktop, aloop, qtbot) -> None:
+    home = Home.locate(desktop.sm.home)
+    app = App(Engine(home), desktop.name, Settings())
+    window = app.window
+    qtbot.addWidget(window)
+    qtbot.addWidget(app.timeline)
+    window.show()
+    window.activateWindow()
+    qtbot.waitActive(window)
+    clipboard = QApplication.clipboard()
+
+    def guest_size() -> tuple[int, int]:
+        width, _, height = desktop.out("xrandr").split(",")[1].split()[1:4]
+        return int(width), int(height)
+
+    async def follows(what: str) -> None:
+        """The guest's screen takes the viewer's size (X rounds the width down to a multiple of 8)."""
+        size = window.viewer.device_size()
+        await eventually(lambda: guest_size()[1], size.height(), what)
+        width = (await asyncio.to_thread(guest_size))[0]
+        assert size.width() - 8 < width <= size.width(), (what, width, size)
+
+    async def scenario() -> None:
+        window.resize(900, 640)
+        await follows("the desktop following the window")
+        window.scale_action.setChecked(True)  # scale instead: the desktop keeps its size
+        kept = await asyncio.to_thread(guest_size)
+        window.resize(1000, 700)
+        await asyncio.sleep(3)
+        assert await asyncio.to_thread(guest_size) == kept
+        assert Settings.load(home).scale_desktop  # remembered
+        window.scale_action.setChecked(False)
+        await follows("the desktop following the window again")
+
+        # While the window is active, what is copied on the computer is pasted in the guest, and the other way.
+        clipboard.setText("copied on the computer, pasted in the guest")
+        await eventually(lambda: desktop.out("xclip -o -selection clipboard"),
+                         "copied on the computer, pasted in the guest", "the guest's clipboard")
+        pipeline = "printf %s 'copied in the guest' | xclip -selection clipboard >/dev/null 2>&1"
+        await asyncio.to_thread(desktop.out, f"sh -c {shlex.quote(pipeline)}")
+        await until(lambda: clipboard.text() == "copied in the guest", "the computer's clipboard", TIMEOUT)
+
+    aloop.run_until_complete(scenario())
+    aloop.run_until_complete(app.close())
