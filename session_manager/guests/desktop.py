@@ -264,7 +264,11 @@ def _build(outdir: Path, report: Callable[[int, str], None]) -> None:
         first = next((ln for ln in lines if ln.startswith("E:")), lines[-1] if lines else "no output")
         raise BuildError(f"Building the desktop image failed ({first[:200]}); check the network and the disk space, "
                          f"then try again.")
-    report(90, "compressing the base image")
+    if unshare:  # the kernel and initrd were written by the namespace's root: make them this user's
+        for name in ("vmlinuz", "initrd.img"):
+            shutil.copyfile(work / name, work / f"{name}.own")
+            os.replace(work / f"{name}.own", work / name)
+    report(90, "writing the base image")
     qemu_img = shutil.which("qemu-img") or "qemu-img"
     done = subprocess.run([qemu_img, "convert", "-O", "qcow2", str(raw), str(work / "base.qcow2")],
                           capture_output=True, text=True)
