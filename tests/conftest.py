@@ -25,6 +25,12 @@ from helpers.x11 import Xvfb
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # widget tests need no display; Xvfb tests set their own
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The desktop's tests last, together: its guest (the session-wide ``desktop`` fixture) is booted once and
+    runs only while they do, not beside every other test."""
+    items.sort(key=lambda item: item.get_closest_marker("desktop") is not None)
+
+
 @pytest.fixture(scope="session")
 def guest() -> tuple[Path, Path]:
     """The project's own test guest (kernel, initrd), built once from Debian packages."""

@@ -16,8 +16,9 @@ from session_manager.rfb import AUDIO_RATE, RfbClient
 pytestmark = [pytest.mark.qemu, pytest.mark.desktop]
 
 TONE = 1000
-# As the account, straight to the sound card's ALSA device; half a second of buffer keeps a TCG guest from starving it.
-PLAY = f"speaker-test -D hw:0 -t sine -f {TONE} -c 2 -r {AUDIO_RATE} -l 1 -b 500000 >/dev/null"
+# As the account, through its PulseAudio as every program of the desktop plays; half a second of buffer keeps a TCG
+# guest from starving it.
+PLAY = f"speaker-test -D pulse -t sine -f {TONE} -c 2 -r {AUDIO_RATE} -l 1 -b 500000 >/dev/null"
 
 
 def record(desktop: Desktop, muted: bool = False) -> list[int]:

@@ -48,8 +48,10 @@ PACKAGES = [
     "fonts-dejavu-core", "adwaita-icon-theme",
     # the agents: clipboard and screen size (spice-vdagent), files in and the clock (qemu-guest-agent)
     "spice-vdagent", "qemu-guest-agent",
-    # sound, a browser, and what tests and benchmarks drive the desktop with
-    "alsa-utils", "pulseaudio", "xfce4-pulseaudio-plugin", "firefox-esr", "xdotool", "xclip",
+    # sound (the account's PulseAudio needs its login session: libpam-systemd; ALSA programs reach it through
+    # libasound2-plugins), a browser, and what tests and benchmarks drive the desktop with
+    "libpam-systemd", "alsa-utils", "pulseaudio", "libasound2-plugins", "xfce4-pulseaudio-plugin", "firefox-esr",
+    "xdotool", "xclip",
 ]
 
 # Files written into the image: path -> (mode, text).

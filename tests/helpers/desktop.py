@@ -61,6 +61,8 @@ class Desktop:
         since = self.serial.size()
         self.sm("start", self.name)
         self.serial.wait_for(desktop.READY_LINE, since=since, timeout=BOOT_TIMEOUT)
+        # No key repeat: under TCG on a busy machine xdotool's release can come late enough to repeat a key.
+        self.out("xset r off")
         return self
 
     def run(self, command: str, *, user: bool = True, timeout: float = 60) -> ExecResult:
