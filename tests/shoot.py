@@ -36,7 +36,7 @@ async def shoot(home: Path, name: str, out: Path) -> dict[str, object]:
     while not window.viewer.is_connected():
         assert time.monotonic() < deadline, "the viewer did not connect"
         await settle(0.1)
-    await settle(2)  # a few frames of the guest's screen
+    await settle(8)  # a few frames, and a desktop's screen fitted to the window
     window.grab().save(str(out / "session-window.png"))
 
     app.timeline.resize(1100, 480)
