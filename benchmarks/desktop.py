@@ -57,7 +57,7 @@ from session_manager.paths import Home
 from session_manager.store.codec import decode_segment
 from session_manager.store.repo import CheckpointInfo, Repository
 from session_manager.vm.machine import Machine
-from session_manager.vm.stream import END, EOF, F_CONTINUE, F_EOS, F_ZERO, FULL, PAGE_SIZE, PART, START
+from session_manager.vm.stream import END, F_CONTINUE, F_EOS, F_ZERO, FULL, MAGIC, PAGE_SIZE, PART, START
 
 MiB = 1 << 20
 NAME = "desk"
@@ -81,7 +81,8 @@ user_pref("browser.warnOnQuitShortcut", false);
 EOF
 : > ~/probe.txt
 mousepad --disable-server ~/probe.txt >/dev/null 2>&1 &
-timeout 300 xdotool search --sync --onlyvisible --name 'probe.txt - Mousepad' windowmove --sync %@ 0 0 windowsize --sync %@ 700 400
+timeout 300 xdotool search --sync --onlyvisible --name 'probe.txt - Mousepad' \
+    windowmove --sync %@ 0 0 windowsize --sync %@ 700 400
 """
 # The scripted use, a step at a time (each leaves no window of its own open).
 STEPS = [
@@ -219,9 +220,9 @@ def page_contents(repo: Repository, ckpt_id: str) -> dict[bytes, dict[int, bytes
         for start in range(0, len(segments), 64):
             for plain in objects.fetch(table, segments[start:start + 64], "a segment"):
                 data, offsets, ids = decode_segment(plain, "a segment")
-                if data[0] in (FULL, EOF):  # the device state: RAM is done
+                if data[0] == FULL:  # the device state: RAM is done
                     return out
-                if data[0] == START:  # the block list: no pages
+                if data[:4] == MAGIC or data[0] == START:  # the stream's header, the block list: no pages
                     continue
                 pos = 5 if data[0] in (PART, END) else 0  # a section header
                 page = iter(zip(offsets, ids))
