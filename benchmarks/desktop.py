@@ -67,6 +67,22 @@ T = TypeVar("T")
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
         "How vexingly quick daft zebras jump! ")
 
+# Every script's first lines: `window ARGS...` prints the id of a shown window that `xdotool search ARGS...` finds,
+# once it has been there a second (a window found as it appears may be gone again: BadWindow).
+WINDOW = r"""
+window() {
+  for i in $(seq 300); do
+    if [ -n "$(xdotool search --onlyvisible "$@" 2>/dev/null)" ]; then
+      sleep 1
+      w=$(xdotool search --onlyvisible "$@" 2>/dev/null | head -n1)
+      if [ -n "$w" ]; then echo $w; return; fi
+    fi
+    sleep 1
+  done
+  echo "no window: $*" >&2
+  return 1
+}
+"""
 # Run once, as the account: the probe window, no cursor blink (it would change the screen without a key), and a
 # Firefox profile that starts without first-run pages.
 SETUP = r"""
@@ -82,8 +98,8 @@ user_pref("browser.warnOnQuitShortcut", false);
 EOF
 : > ~/probe.txt
 mousepad --disable-server ~/probe.txt >/dev/null 2>&1 &
-timeout 300 xdotool search --sync --onlyvisible --name 'probe.txt - Mousepad' \
-    windowmove --sync %@ 0 0 windowsize --sync %@ 700 400
+w=$(window --name 'probe.txt - Mousepad')
+xdotool windowmove --sync $w 0 0 windowsize --sync $w 700 400
 """
 # The scripted use, a step at a time (each leaves no window of its own open).
 STEPS = [
@@ -91,7 +107,7 @@ STEPS = [
 f=notes-$(date +%s).txt
 : > ~/$f
 mousepad --disable-server ~/$f >/dev/null 2>&1 &
-w=$(timeout 300 xdotool search --sync --onlyvisible --name "$f - Mousepad" | head -n1)
+w=$(window --name "$f - Mousepad")
 xdotool windowactivate --sync $w type --delay 40 '{TEXT * 3}'
 xdotool key --delay 100 Return ctrl+s
 for at in '300 150' '120 300' '400 60'; do xdotool windowmove --sync $w $at; sleep 0.5; done
@@ -99,7 +115,7 @@ xdotool windowkill $w
 """),
     ("terminal", r"""
 xfce4-terminal --disable-server --geometry 100x30 >/dev/null 2>&1 &
-w=$(timeout 300 xdotool search --sync --onlyvisible --class xfce4-terminal | head -n1)
+w=$(window --class xfce4-terminal)
 xdotool windowactivate --sync $w
 sleep 1
 xdotool type --delay 40 'ls -l /usr/share/doc | head -n 60; uptime; free -m'
@@ -112,7 +128,7 @@ timeout 120 sh -c 'while xdotool search --onlyvisible --class xfce4-terminal >/d
 """),
     ("browser", rf"""
 firefox-esr --no-remote --profile ~/bench-ff {PAGE} >/dev/null 2>&1 &
-w=$(timeout 300 xdotool search --sync --onlyvisible --class firefox | head -n1)
+w=$(window --class firefox)
 sleep 5
 xdotool windowactivate --sync $w key --delay 700 Next Next Next Prior End Home
 for at in '100 40' '250 120'; do xdotool windowmove --sync $w $at; sleep 0.5; done
@@ -124,7 +140,7 @@ timeout 120 sh -c 'while pgrep -u $(id -u) -x firefox-esr >/dev/null; do sleep 0
 
 def script(desktop: Desktop, text: str, timeout: float = 600) -> str:
     """Run a shell script in the guest as the account, every command of it on the X display."""
-    return desktop.out(f"sh -ec {shlex.quote(text)}", timeout=timeout)
+    return desktop.out(f"sh -ec {shlex.quote(WINDOW + text)}", timeout=timeout)
 
 
 # -- the guest's responsiveness ----------------------------------------------------------------------------------
@@ -176,7 +192,7 @@ class Probe:
 
 def probe_window(desktop: Desktop) -> tuple[int, int, int, int]:
     """Focus the probe window; its x, y, width and height."""
-    out = script(desktop, "w=$(xdotool search --onlyvisible --name 'probe.txt - Mousepad' | head -n1); "
+    out = script(desktop, "w=$(window --name 'probe.txt - Mousepad'); "
                           "xdotool windowactivate --sync $w getwindowgeometry --shell $w")
     geo = dict(line.split("=", 1) for line in out.split())
     return int(geo["X"]), int(geo["Y"]), int(geo["WIDTH"]), int(geo["HEIGHT"])
