@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import shlex
 import shutil
@@ -64,6 +65,7 @@ MiB = 1 << 20
 NAME = "desk"
 PAGE = "file:///usr/share/doc/fontconfig/fontconfig-user.html"  # 44 kB of the guest's own documentation
 T = TypeVar("T")
+KEY_TIMEOUT = 30  # seconds; a key that changes nothing by then counts as "inf"
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
         "How vexingly quick daft zebras jump! ")
 
@@ -174,9 +176,10 @@ class Probe:
         await asyncio.sleep(0.02)
         self.client.key_event(False, ord(ch), SCANCODES[ch])
         try:
-            return await asyncio.wait_for(changed, 60) - t
+            return await asyncio.wait_for(changed, KEY_TIMEOUT) - t
         except TimeoutError:
-            raise SystemExit("a key pressed in the probe window did not change the screen within 60 s") from None
+            print(f"a key pressed in the probe window did not change it within {KEY_TIMEOUT} s", file=sys.stderr)
+            return math.inf
         finally:
             self.client.on_frame = None
 
