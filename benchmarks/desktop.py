@@ -85,10 +85,12 @@ window() {
   return 1
 }
 """
-# Run once, as the account: the probe window, no cursor blink (it would change the screen without a key), and a
-# Firefox profile that starts without first-run pages.
+# Run once, as the account: the probe window, no cursor blink (it would change the screen without a key), no
+# session restore in Mousepad (a second Mousepad offers it in a dialog), and a Firefox profile that starts without
+# first-run pages.
 SETUP = r"""
 xfconf-query -c xsettings -p /Net/CursorBlink -n -t bool -s false
+gsettings set org.xfce.mousepad.preferences.file session-restore never || true
 mkdir -p ~/bench-ff && cat > ~/bench-ff/user.js <<'EOF'
 user_pref("browser.aboutwelcome.enabled", false);
 user_pref("browser.startup.homepage_override.mstone", "ignore");
@@ -110,6 +112,7 @@ f=notes-$(date +%s).txt
 : > ~/$f
 mousepad --disable-server ~/$f >/dev/null 2>&1 &
 w=$(window --name "$f - Mousepad")
+for d in $(xdotool search --onlyvisible --name '^Mousepad$'); do xdotool windowactivate --sync $d key Escape; done
 xdotool windowactivate --sync $w type --delay 40 '{TEXT * 3}'
 xdotool key --delay 100 Return ctrl+s
 for at in '300 150' '120 300' '400 60'; do xdotool windowmove --sync $w $at; sleep 0.5; done
