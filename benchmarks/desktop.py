@@ -24,7 +24,9 @@ Then the restore of the last checkpoint (verify, new QEMU, stream loaded, runnin
 same base: its disk overlay after boot, and what its first checkpoint adds to the repository (against the first
 desktop's checkpoint #0, which had nothing to share).
 
-Prints Markdown tables (paste them into docs/benchmarks.md). A default run takes about 30 minutes.
+Prints Markdown tables (paste them into docs/benchmarks.md). A default run takes about 40 minutes under TCG on 2
+cores (boots of two desktops, the first whole checkpoint, 20 minutes of use, the rest), plus the base's build when
+this machine has none (SM_TEST_CACHE chooses where it is kept, as for the tests).
 """
 
 from __future__ import annotations
