@@ -113,8 +113,12 @@ STEPS = [
 f=notes-$(date +%s).txt
 : > ~/$f
 mousepad --disable-server ~/$f >/dev/null 2>&1 &
+for i in $(seq 60); do  # a second Mousepad may first ask whether to restore a session: no
+  for d in $(xdotool search --onlyvisible --name '^Mousepad$'); do xdotool windowactivate $d key Escape; done
+  if xdotool search --onlyvisible --name "$f - Mousepad" >/dev/null; then break; fi
+  sleep 1
+done
 w=$(window --name "$f - Mousepad")
-for d in $(xdotool search --onlyvisible --name '^Mousepad$'); do xdotool windowactivate --sync $d key Escape; done
 xdotool windowactivate --sync $w type --delay 40 '{TEXT * 3}'
 xdotool key --delay 100 Return ctrl+s
 for at in '300 150' '120 300' '400 60'; do xdotool windowmove --sync $w $at; sleep 0.5; done
