@@ -165,7 +165,7 @@ class Cli:
         outdir = self.engine.home.bases / desktop.recipe_id()
         if not desktop.built(outdir):
             print(f"Building the desktop image from Debian's packages into {outdir} (once; about 3 minutes and "
-                  "1.5 GB; later desktops share it).", file=sys.stderr)
+                  "1.7 GB; later desktops share it).", file=sys.stderr)
         base = desktop.build(outdir, progress=lambda percent, text: print(f"{percent:3d}% {text}", file=sys.stderr))
         return self.engine.new_session(a.name, disk=base / "base.qcow2", kernel=base / "vmlinuz",
                                        initrd=base / "initrd.img", append=desktop.KERNEL_APPEND,
