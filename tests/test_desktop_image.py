@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,17 @@ def test_an_ordinary_user_is_told_what_is_missing_before_a_build(monkeypatch: py
         subuid.write_text("")
         desktop.build(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_files_laid_over_the_image_leave_its_folders_open_whatever_the_umask(tmp_path: Path) -> None:
+    """The CLI runs with umask 077: folders made under it, copied over the image with their modes, made /etc and
+    /usr root's alone, and the desktop's account could start nothing (seen in a fresh `setup.sh run`)."""
+    old = os.umask(0o077)
+    try:
+        desktop.write_guest_files(tmp_path / "files")
+    finally:
+        os.umask(old)
+    for folder in ("files", "files/etc", "files/usr", "files/usr/local/sbin", "files/etc/systemd/system"):
+        assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o755, folder
+    assert stat.S_IMODE((tmp_path / "files/usr/local/sbin/sm-firstboot").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "files/etc/fstab").stat().st_mode) == 0o644

@@ -217,6 +217,19 @@ def build(outdir: Path, *, progress: Callable[[int, str], None] | None = None) -
     return outdir
 
 
+def write_guest_files(files: Path) -> None:
+    """GUEST_FILES as a tree under ``files``, to be copied over the root file system with their modes: every
+    folder 0755 whatever the umask (the CLI's is 077), or /etc and /usr in the image would become root's alone."""
+    for path, (mode, text) in GUEST_FILES.items():
+        target = files / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        target.chmod(mode)
+    for folder in (files, *files.rglob("*")):
+        if folder.is_dir():
+            folder.chmod(0o755)
+
+
 def _build(outdir: Path, report: Callable[[int, str], None]) -> None:
     work = outdir.with_name(outdir.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
@@ -227,11 +240,7 @@ def _build(outdir: Path, report: Callable[[int, str], None]) -> None:
     if unshare:
         work.chmod(0o777)
     files = work / "files"
-    for path, (mode, text) in GUEST_FILES.items():
-        target = files / path.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-        target.chmod(mode)
+    write_guest_files(files)
     raw = work / "root.img"
     out, stage = shlex.quote(str(work)), '"$1"/sm-stage'
     hooks = [
@@ -254,7 +263,9 @@ def _build(outdir: Path, report: Callable[[int, str], None]) -> None:
             *(f"--customize-hook={h}" for h in hooks), SUITE, "/dev/null"]
     report(0, "starting")
     lines: list[str] = []
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    # The image's own files get Debian's modes, not the CLI's umask (077).
+    proc = subprocess.Popen(["sh", "-c", 'umask 022 && exec "$@"', "sh", *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TMPDIR": str(work)} if unshare else None)
     assert proc.stderr is not None
     for line in proc.stderr:
