@@ -41,6 +41,7 @@ from ..vm.qemu import (
     machine_type,
     machine_types,
     qemu_path,
+    write_account,
 )
 from ..vm.snapshot import Capture, capture, live_supported, load, merge_layers
 from ..vm.stream import REGION_SHIFT, Segment, iter_segments, running_on_load
@@ -268,8 +269,7 @@ class Engine:
                             "made with (the `qemu` setting in settings.toml).")
         argv = command_line(qemu, config, accel=accel.name, top_layer=top, sockets=sockets,
                             serial_log=session.serial_log, incoming=incoming, paused=paused)
-        if config.account:
-            atomic_write(sockets.account, f"{config.account}\n".encode())
+        write_account(config, sockets)
         await launch(argv, sockets, session.qemu_log)
         atomic_write(sockets.runtime / "accel", f"{accel.name}\n{accel.reason}\n".encode())
         atomic_write(sockets.runtime / "qemu", f"{qemu.version_text}\n{qemu.system}\n".encode())
@@ -775,8 +775,7 @@ class Engine:
         config = self.config_of(ckpt)
         argv = command_line(self.qemu, config, accel=self.accelerator().name, top_layer=qcow2, sockets=Sockets(out_dir),
                             serial_log=out_dir / f"{name}-serial.log")
-        if config.account:  # the command line names it; the guest made its account long ago
-            atomic_write(Sockets(out_dir).account, f"{config.account}\n".encode())
+        write_account(config, Sockets(out_dir))  # the command line names it, though the guest made its account
         return _standalone(argv, stream)
 
     # -- locking -------------------------------------------------------------------

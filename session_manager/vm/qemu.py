@@ -344,6 +344,13 @@ def account_line(name: str, password_hash: str) -> str:
     return line
 
 
+def write_account(config: MachineSpec, sockets: Sockets) -> None:
+    """The file the command line's fw_cfg entry names, if the config has an account: a file, not a string in argv,
+    which every local user can read."""
+    if config.account:
+        atomic_write(sockets.account, f"{config.account}\n".encode())
+
+
 def desktop_devices(sockets: Sockets) -> list[str]:
     """A desktop's sound card and agent channels.  Every one migrates, so checkpoints keep working: the sound goes
     out through VNC's audio extension (the display's "none" backend only clocks it), and the agents' virtio-serial ports
