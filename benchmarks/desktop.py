@@ -27,6 +27,15 @@ desktop's checkpoint #0, which had nothing to share).
 Prints Markdown tables (paste them into docs/benchmarks.md). A default run takes about 40 minutes under TCG on 2
 cores (boots of two desktops, the first whole checkpoint, 20 minutes of use, the rest), plus the base's build when
 this machine has none (SM_TEST_CACHE chooses where it is kept, as for the tests).
+
+    .venv/bin/python benchmarks/desktop.py --viewer [--seconds 10] [--screen 1024x768 --screen 1600x900]
+
+measures the viewer on the desktop's real content instead (about 8 minutes): for each screen size (set through
+the spice-vdagent channel, as the window does when it is resized; 1024x768 is what the window opens at) and each
+of three kinds of use looping in the guest — scrolling a long text in Mousepad with the mouse wheel, moving a
+terminal window about, scrolling a page in Firefox — each encoding set of benchmarks/viewer.py in turn, measured
+by its `measure` (update messages and full-screen equivalents per second, the client's CPU per full-screen
+equivalent, bytes received, QEMU's CPU share).
 """
 
 from __future__ import annotations
@@ -51,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from benchmarks.common import machine_line, print_table
-from benchmarks.viewer import SCANCODES, ms
+from benchmarks.viewer import CONFIGS, SCANCODES, measure, ms
 from helpers.cli import Sm
 from helpers.desktop import Desktop
 from session_manager import rfb
@@ -62,6 +71,7 @@ from session_manager.store.repo import CheckpointInfo, Repository
 from session_manager.vm.machine import Machine
 from session_manager.vm.qemu import find_qemu, qemu_path
 from session_manager.vm.stream import END, F_CONTINUE, F_EOS, F_ZERO, FULL, MAGIC, PAGE_SIZE, PART, START
+from session_manager.vm.vdagent import VDAgent
 
 MiB = 1 << 20
 NAME = "desk"
@@ -152,6 +162,92 @@ timeout 120 sh -c 'while pgrep -u $(id -u) -x firefox-esr >/dev/null; do sleep 0
 def script(desktop: Desktop, text: str, timeout: float = 600) -> str:
     """Run a shell script in the guest as the account, every command of it on the X display."""
     return desktop.out(f"sh -ec {shlex.quote(WINDOW + text)}", timeout=timeout)
+
+
+# The viewer's kinds of use, each a loop run in the background until it is killed (`pkill -f sm-use`).
+LONG_TEXT = "~/long.txt"
+USES = [
+    ("scrolling a long text in Mousepad (mouse wheel, 3 lines a notch)", rf"""
+zcat /usr/share/doc/*/changelog.Debian.gz 2>/dev/null | head -n 20000 > {LONG_TEXT}
+mousepad --disable-server {LONG_TEXT} >/dev/null 2>&1 &
+w=$(window --name 'long.txt - Mousepad')
+xdotool windowactivate --sync $w windowmove --sync $w 0 0 windowsize --sync $w 100% 100%
+xdotool mousemove --window $w 300 300
+touch ~/sm-use-going
+while :; do xdotool click --repeat 40 --delay 30 5; xdotool key ctrl+Home; sleep 0.2; done
+"""),
+    ("moving a terminal window about", r"""
+xfce4-terminal --disable-server --geometry 100x30 -x sh -c 'ls -l /usr/share/doc; exec sh' >/dev/null 2>&1 &
+w=$(window --class xfce4-terminal)
+touch ~/sm-use-going
+while :; do for x in $(seq 0 20 300); do xdotool windowmove $w $x $((x / 2)); sleep 0.02; done
+            for x in $(seq 300 -20 0); do xdotool windowmove $w $x $((x / 2)); sleep 0.02; done; done
+"""),
+    ("scrolling a page in Firefox (mouse wheel)", rf"""
+firefox-esr --no-remote --profile ~/bench-ff {PAGE} >/dev/null 2>&1 &
+w=$(window --class firefox)
+xdotool windowactivate --sync $w windowmove --sync $w 0 0 windowsize --sync $w 100% 100%
+sleep 5
+xdotool mousemove --window $w 400 400
+touch ~/sm-use-going
+while :; do xdotool click --repeat 40 --delay 30 5; xdotool key Home; sleep 0.2; done
+"""),
+]
+END_USE = ("rm -f ~/sm-use-going; pkill -f sm-use; pkill -x mousepad; pkill -x xfce4-terminal; pkill -x firefox-esr; "
+           "sleep 2")
+
+
+async def set_screen(desktop: Desktop, width: int, height: int) -> None:
+    """Ask the guest for a screen of this size through its spice-vdagent channel, as the window does, and wait
+    until X has it."""
+    agent = VDAgent(desktop.sockets.vdagent, lambda text: None)
+    task = asyncio.create_task(agent.run())
+    try:
+        agent.set_screen(width, height)
+        for _ in range(60):
+            out = await asyncio.to_thread(desktop.out, "xrandr | grep -o 'current [0-9]* x [0-9]*'")
+            if out.split() == ["current", str(width), "x", str(height)]:
+                return
+            await asyncio.sleep(1)
+        raise SystemExit(f"the guest's screen did not become {width}x{height}: {out.strip()}")
+    finally:
+        task.cancel()
+
+
+def viewer_run(a: argparse.Namespace, sm: Sm) -> None:
+    print("booting the desktop...", file=sys.stderr)
+    desktop = Desktop(sm, NAME).create(memory=a.memory).boot()
+    script(desktop, SETUP)
+    pid = desktop.sockets.pid()
+    assert pid is not None
+    results: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+    for screen in a.screen:
+        width, height = (int(n) for n in screen.split("x"))
+        asyncio.run(set_screen(desktop, width, height))
+        for use, text in USES:
+            print(f"{screen}: {use}...", file=sys.stderr)
+            desktop.out(f"nohup sh -ec {shlex.quote(WINDOW + text)} sm-use >/dev/null 2>&1 &")
+            desktop.out("for i in $(seq 600); do [ -e ~/sm-use-going ] && exit 0; sleep 0.5; done; exit 1",
+                        timeout=320)  # the program is up and its loop going
+            time.sleep(3)
+            for label, encodings in CONFIGS:
+                results[screen, use] = results.get((screen, use), {})
+                results[screen, use][label] = asyncio.run(measure(desktop.sockets.vnc, encodings, a.seconds, pid))
+            desktop.run(END_USE)
+
+    print(f"\n{machine_line()}")
+    print(f"Guest: the desktop (Debian 12, Xfce), {a.memory} RAM; {a.seconds:g} s per encoding over the VNC unix "
+          "socket, the use looping in the guest all the while. Per cell: update messages per second / full-screen "
+          "equivalents per second / client CPU per full-screen equivalent / the client's CPU (share of one core) / "
+          "MB received per second / QEMU's CPU (share of one core, the guest's included).\n")
+    labels = [label for label, _ in CONFIGS]
+    print("| screen | use | " + " | ".join(labels) + " |")
+    print("|---|---|" + "---|" * len(labels))
+    for (screen, use), by_label in results.items():
+        cells = [f"{r['updates']:.1f} / {r['screens']:.1f} / {r['cpu_ms']:.2f} ms / {r['client_cpu']:.0f} % / "
+                 f"{r['mb_s']:.1f} / "
+                 f"{r['server_cpu']:.0f} %" for r in (by_label[label] for label in labels)]
+        print(f"| {screen} | {use} | " + " | ".join(cells) + " |")
 
 
 # -- the guest's responsiveness ----------------------------------------------------------------------------------
@@ -293,12 +389,17 @@ def main() -> None:
     ap.add_argument("--memory", default="2G", help="guest RAM (as `new --memory`)")
     ap.add_argument("--keys", type=int, default=10, help="idle key presses timed before each checkpoint")
     ap.add_argument("--savevm", type=int, default=2, help="HMP savevm runs, the baseline")
+    ap.add_argument("--viewer", action="store_true", help="measure the viewer on the desktop's content instead")
+    ap.add_argument("--seconds", type=float, default=10, help="--viewer: measuring time per encoding")
+    ap.add_argument("--screen", action="append", help="--viewer: a screen size to measure at (repeat it for more; "
+                                                      "default: 1024x768 and 1600x900)")
     a = ap.parse_args()
+    a.screen = a.screen or ["1024x768", "1600x900"]
     os.environ.setdefault("SESSION_MANAGER_ACCEL", "tcg")
     work = Path(tempfile.mkdtemp(prefix="sm-desktop-", dir=os.environ.get("BENCH_DIR")))
     sm = Sm(work / "home")
     try:
-        run(a, sm)
+        (viewer_run if a.viewer else run)(a, sm)
     finally:
         sm.kill_all()
         shutil.rmtree(work, ignore_errors=True)
