@@ -284,7 +284,7 @@ class Cli:
         if st.pid:
             lines.append(f"  QEMU {st.qemu_version} ({st.qemu}), pid {st.pid}, "
                          f"accelerator {st.accel} ({st.accel_reason})")
-            mode = "live (background snapshot)" if st.live_checkpoints else "stop-and-copy (pauses the guest)"
+            mode = "live (the guest runs on)" if st.live_checkpoints else "stop-and-copy (pauses the guest)"
             lines.append(f"  checkpoints: {mode}")
             lines.append(f"  display: VNC on {st.vnc_socket}")
         else:

@@ -50,6 +50,7 @@ from session_manager.vm.migrate import (
     resume_source,
 )
 from session_manager.vm.qemu import command_line, find_qemu, qemu_path
+from session_manager.vm.snapshot import Route, choose_route
 
 pytestmark = pytest.mark.qemu
 
@@ -149,14 +150,17 @@ async def run_state(sockets: Sockets) -> RunState:
         return await m.status()
 
 
-async def source_is_clean(source: Source, background_snapshot: bool = True) -> None:
+async def source_is_clean(source: Source, background_snapshot: bool | None = None) -> None:
     """No job, no NBD node, no TLS object left; the migration settings are back (checkpoints need them so)."""
     async with Machine.connect(source.sockets) as m:
         assert await m.run("query-jobs") == []
         assert not [n for n in await m.run("query-named-block-nodes", {"flat": True})
                     if n["node-name"].startswith("smmig")]
         caps = {c["capability"]: c["state"] for c in await m.run("query-migrate-capabilities")}
-        assert caps["background-snapshot"] is background_snapshot  # as `start` left it (root: live checkpoints)
+        if background_snapshot is None:  # as `start` left it: on where checkpoints take background snapshots
+            route = choose_route(find_qemu(qemu_path()).version_text, "tcg", userfaultfd=True)
+            background_snapshot = route == Route.BACKGROUND
+        assert caps["background-snapshot"] is background_snapshot
         assert not (caps["pause-before-switchover"] or caps["return-path"] or caps["postcopy-ram"])
         assert (await m.run("query-migrate-parameters"))["tls-creds"] == ""
         assert not [o for o in await m.run("qom-list", {"path": "/objects"}) if o["name"].startswith("sm-mig")]

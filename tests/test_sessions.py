@@ -10,6 +10,8 @@ import pytest
 
 from helpers.cli import Sm
 from helpers.qemu import Serial, seq_records
+from session_manager.vm.qemu import find_qemu, qemu_path
+from session_manager.vm.snapshot import Route, choose_route
 
 pytestmark = pytest.mark.qemu
 
@@ -156,3 +158,39 @@ def test_stop_saves_and_start_resumes(sm: Sm, guest: tuple[Path, Path]) -> None:
     first = serial.counters(since=mark)[0]
     assert first - 1 in before and first <= before[-1] + 1, (before, first)
     assert "ready" not in serial.text(since=mark)  # resumed, not rebooted
+
+
+# -- issue #15: every checkpoint, by whichever route this QEMU takes (vm/snapshot.py) --------------------------
+
+def test_the_route_follows_the_qemu_and_the_accelerator() -> None:
+    assert choose_route("10.0.2", "tcg", userfaultfd=False) == Route.PRECOPY
+    assert choose_route("9.0.0", "tcg", userfaultfd=True) == Route.PRECOPY
+    assert choose_route("7.2.22", "kvm", userfaultfd=False) == Route.PRECOPY
+    assert choose_route("8.2.2", "tcg", userfaultfd=True) == Route.BACKGROUND  # TCG loses writes in pre-copy
+    assert choose_route("7.2.22", "tcg", userfaultfd=False) == Route.STOP_AND_COPY
+
+
+def test_later_checkpoints_of_a_busy_guest_restore_exactly(sm: Sm, guest: tuple[Path, Path]) -> None:
+    sm.new_guest("busy", guest, memory="512M", fill=256, dirty=4, window=32)
+    sm("start", "busy")
+    serial = sm.serial("busy")
+    serial.wait_counter(3)
+    taken = []
+    for _ in range(4):
+        before = serial.counters()[-1]
+        c = checkpoint(sm, "busy")
+        taken.append((c, before, serial.counters()[-1]))
+        assert c["meta"]["live"] is True and 0 < c["meta"]["pause_ms"] < 1000
+        serial.wait_counter(serial.counters()[-1] + 2)
+    route = choose_route(find_qemu(qemu_path()).version_text, "tcg", userfaultfd=True).value
+    assert sum(f"({route})" in line for line in (sm.home / "state" / "session-manager.log").read_text().splitlines()
+               if "checkpoint " in line and " pause " in line) == 4
+    for c, before, after in taken[1:]:  # each later one, restored and checked: memory (the counter), disk, no panic
+        resumed = restore_and_first_counter(sm, serial, "busy", c["id"])
+        assert before + 1 <= resumed <= after + 1
+        serial.wait_for(rf"^disk ok {resumed + 1}", since=serial.size() - 4000)
+        serial.wait_counter(resumed + 4, since=serial.last_start())
+        text = serial.text(since=serial.last_start())
+        assert "disk-mismatch" not in text and "Kernel panic" not in text and "BUG" not in text
+    records = disk_records(sm, "busy")
+    assert records == list(range(1, len(records) + 1))

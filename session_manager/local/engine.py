@@ -43,7 +43,7 @@ from ..vm.qemu import (
     qemu_path,
     write_account,
 )
-from ..vm.snapshot import Capture, capture, live_supported, load, merge_layers
+from ..vm.snapshot import Capture, Route, capture, choose_route, live_supported, load, merge_layers
 from ..vm.stream import REGION_SHIFT, Segment, iter_segments, running_on_load
 from .sessions import Session, SessionConfig, SessionState, list_sessions
 from .settings import Settings
@@ -58,8 +58,9 @@ LOCK_TIMEOUT = 600.0
 MAX_CHAIN = 8  # disk layers in the running chain before the newest frozen ones are merged
 DISK_FILES = ("layer-", "restored-")
 UFFD_ADVICE = (
-    "Live checkpoints are unavailable because this kernel denies userfaultfd to ordinary users "
-    "(vm.unprivileged_userfaultfd=0); allow it with `echo vm.unprivileged_userfaultfd=1 | sudo tee "
+    "Live checkpoints are unavailable: under software emulation QEMU older than 9.0 needs userfaultfd for them, "
+    "and this kernel denies it to ordinary users (vm.unprivileged_userfaultfd=0). Use QEMU 9.0 or newer (or KVM), "
+    "or allow it with `echo vm.unprivileged_userfaultfd=1 | sudo tee "
     "/etc/sysctl.d/60-session-manager.conf && sudo sysctl --system` (packaging/setup.sh does this), and until "
     "then each checkpoint pauses the session while its memory is copied."
 )
@@ -305,12 +306,17 @@ class Engine:
         qemu = self.qemu  # reads the settings once
         return qemu.version_text, qemu.system
 
-    async def _note_live_support(self, machine: Machine, session: Session) -> bool:
-        live = await live_supported(machine)
-        atomic_write(session.runtime / "live", b"1" if live else b"0")
-        if not live:
+    async def _note_live_support(self, machine: Machine, session: Session) -> Route:
+        """How this session's checkpoints are taken (vm/snapshot.py, choose_route), noted for `status`."""
+        version = self.running_qemu(session)[0]
+        accel = (_read(self.sockets(session).runtime / "accel") or "").partition("\n")[0]
+        route = choose_route(version, accel, userfaultfd=True)
+        if route != Route.PRECOPY:
+            route = choose_route(version, accel, await live_supported(machine))
+        atomic_write(session.runtime / "live", b"0" if route == Route.STOP_AND_COPY else b"1")
+        if route == Route.STOP_AND_COPY:
             log.warning(UFFD_ADVICE)
-        return live
+        return route
 
     async def stop(self, name: str, save: bool = True) -> CheckpointInfo | None:
         """Stop a running session; by default its state is checkpointed first and resumed by `start`."""
@@ -447,7 +453,7 @@ class Engine:
     async def _checkpoint_locked(self, session: Session, m: Machine, note: str, kind: str,
                                  progress: Progress = _no_progress) -> CheckpointInfo:
         progress("Checkpointing", -1)
-        live = await self._note_live_support(m, session)
+        route = await self._note_live_support(m, session)
         thumbnail = await m.screendump_png(session.runtime / "thumbnail.png")
         state = session.load_state()
         config = session.load_config()
@@ -467,7 +473,7 @@ class Engine:
         with self.repo.writer(session=session.name, parent=state.head) as w:
             try:
                 cap, _ = await capture(m, session.disks, lambda read: w.add_memory(memory(iter_segments(read))),
-                                       switched, live)
+                                       switched, route)
             except StreamFormatError as e:  # the stream broke off: say why when it is because QEMU died
                 deadline = time.monotonic() + 1.0  # a killed QEMU's pid goes a moment after its stream
                 while self.sockets(session).pid() is not None and time.monotonic() < deadline:
@@ -487,7 +493,7 @@ class Engine:
         session.save_state(state)
         await self._tidy_disk(session, m, state)
         log.info("checkpoint %s of %s: pause %.1f ms (%s), %.2f s", info.id, session.name, cap.pause_ms,
-                 "live" if cap.live else "stop-and-copy", cap.wall_s)
+                 cap.route.value if cap.live else "paused for the copy", cap.wall_s)
         return info
 
     def _ingest_disk(self, w: Any, session: Session, frozen: str, parent_layer: tuple[str, str] | None) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 class CheckpointMeta:
     kind: str | None = None  # "manual", "autosave", ... (the engine's); retention thins by it
     note: str = ""  # the note given when it was taken (an annotation may change it later)
-    live: bool | None = None  # taken with background-snapshot (else stop-and-copy: the guest was paused)
+    live: bool | None = None  # the guest ran while its memory was copied (else it was paused for the copy)
     pause_ms: float | None = None  # how long the guest was stopped
     downtime_ms: float | None = None  # QEMU's own account of it
     wall_s: float | None = None  # how long taking it took

@@ -1,6 +1,27 @@
 """Capturing a running machine's whole state, and loading it into a new one.
 
-Capture (a live checkpoint)::
+A live checkpoint takes one of two routes (``choose_route``).
+
+Pre-copy (KVM, or QEMU 9.0 and later): a migration into a pipe that pauses before its switch-over::
+
+    1. create the next overlay file and blockdev-add it (guest still running)
+    2. migrate fd:sm-checkpoint  -- with pause-before-switchover: QEMU copies all of RAM while the guest
+                                    runs, then again what the guest dirtied meanwhile, pass after pass
+    3. pre-switchover            -- once what is still dirty fits in downtime-limit, QEMU stops the guest:
+                                    the instant the checkpoint is of
+    4. blockdev-snapshot         -- the disk freezes: the old top becomes read-only
+    5. migrate-continue          -- QEMU sends the last dirty pages and the device state, and completes
+    6. cont                      -- the guest runs on (QEMU leaves it in postmigrate; cont also takes back
+                                    the disks QEMU handed over at completion)
+
+A page sent in an early pass and dirtied later is sent again; the later copy wins when the stream is loaded
+(vm/stream.py keeps both).  The guest stops only for the last dirty pages, whatever its RAM size, and no
+userfaultfd is needed.
+
+Background snapshot (QEMU older than 9.0 under TCG, where pre-copy loses guest writes: QEMU's TCG kept
+writing through TLB entries that the migration's dirty-bitmap sync did not reset, fixed upstream by commit
+03bfc2188f06 "physmem: Fix migration dirty bitmap coherency with TCG memory access"; seen here as a restored
+guest's kernel panicking on corrupted memory)::
 
     1. create the next overlay file and blockdev-add it (guest still running)
     2. stop                      -- the instant the checkpoint is of
@@ -12,13 +33,16 @@ Capture (a live checkpoint)::
                                     later leave it paused, since we stopped it
     5. once RAM pages flow (so QEMU is past that point), cont if it is still paused;
                                     memory is saved as it was at step 2
-    6. the stream is read from a pipe by ``consume`` while the guest runs on
 
-The pause reported is what an observer sees: from our ``stop`` until the guest is seen running.
+Here QEMU's preparation (reading and write-protecting every page) falls inside the pause, and from the
+second snapshot on, the guest's memory is mapped in 4 KiB pages (the first snapshot's write faults split the
+huge ones), so that preparation grows with RAM: measured here, 54 ms at 4 GiB for the first checkpoint and
+190-220 ms for the next ones (pre-copy: 8-16 ms at 1 and 4 GiB; docs/benchmarks.md).  Without userfaultfd
+(ordinary users on Debian/Ubuntu until the sysctl is set) step 4 is a plain migration of the stopped guest,
+which is then continued: the same checkpoint, but the guest pauses for the whole copy (stop-and-copy).
 
-Without userfaultfd (ordinary users on Debian/Ubuntu until the sysctl is set)
-step 4 is a plain migration of the stopped guest, which is then continued: the
-same checkpoint, but the guest pauses for the whole copy.
+Either way the stream is read from a pipe by ``consume`` (in a thread) as it comes, and the pause reported is
+the guest's, by QEMU's clock: from its STOP event to its RESUME event.
 """
 
 from __future__ import annotations
@@ -33,28 +57,53 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
+
+from qemu.qmp import EventListener
 
 from ..errors import QemuError
 from .disk import create_overlay, image_info, new_layer_name
 from .machine import DISK_DEVICE, Machine, RunState, layer_of_node, node_name
+from .migrate import ACTIVE, UNLIMITED_BANDWIDTH
+from .qemu import release
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MERGE_JOB = "sm-merge"
-UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s; QEMU's default (32 MiB/s) would make checkpoints crawl
+DOWNTIME_FIRST_MS, DOWNTIME_MAX_MS = 1, 1000  # pre-copy: the downtime-limit asked for at first, and at most
+PRECOPY_POLL_S = 0.25  # pre-copy: how often the passes are looked at between QEMU's events
+PRECOPY_MAX_S = 120.0  # pre-copy: after this long, the guest is stopped for the rest of the copy
+PRECOPY_TCG_SINCE = (9, 0)  # the first QEMU whose TCG keeps pre-copy's dirty tracking right (see above)
 UFFD_REFUSAL = "not supported by host kernel"
 PIPE_SIZE = 1 << 20  # an ordinary user's maximum (/proc/sys/fs/pipe-max-size)
 
 
+class Route(str, Enum):
+    """How a checkpoint copies the guest's memory (the module's docstring has each one's steps)."""
+
+    PRECOPY = "pre-copy"
+    BACKGROUND = "background-snapshot"
+    STOP_AND_COPY = "stop-and-copy"
+
+
+def choose_route(qemu_version: str, accel: str, userfaultfd: bool) -> Route:
+    """Pre-copy wherever QEMU tracks the guest's writes right (KVM; TCG from QEMU 9.0), else background snapshot
+    where userfaultfd is allowed, else stop-and-copy."""
+    if accel == "kvm" or release(qemu_version) >= PRECOPY_TCG_SINCE:
+        return Route.PRECOPY
+    return Route.BACKGROUND if userfaultfd else Route.STOP_AND_COPY
+
+
 @dataclass(frozen=True)
 class Capture:
-    live: bool  # background-snapshot (True) or stop-and-copy (False)
+    live: bool  # the guest ran while its memory was copied
+    route: Route
     frozen_layer: str  # the overlay that now holds the checkpoint's disk
     active_layer: str  # the overlay the guest writes to from now on
-    pause_ms: float  # from our stop until the guest was seen running again
+    pause_ms: float  # from the guest's stop to its resume, by QEMU's clock
     downtime_ms: float  # what QEMU reports: its own part of that pause
     wall_s: float
     stream_bytes: int
@@ -102,8 +151,9 @@ async def live_supported(machine: Machine) -> bool:
         raise QemuError("This QEMU build lacks the background-snapshot migration capability; install Debian's or "
                         "upstream QEMU 7.2 or newer.")
     try:
-        await machine.run("migrate-set-capabilities",
-                          {"capabilities": [{"capability": "background-snapshot", "state": True}]})
+        await machine.run("migrate-set-capabilities", {"capabilities": [
+            {"capability": "pause-before-switchover", "state": False},  # a pre-copy checkpoint's; excludes it
+            {"capability": "background-snapshot", "state": True}]})
     except QemuError as e:
         if UFFD_REFUSAL in str(e):
             return False
@@ -116,14 +166,17 @@ async def capture(
     disks: Path,
     consume: Callable[[Callable[[int], bytes]], T],
     on_layer_switched: Callable[[str], None],
-    live: bool,
+    route: Route,
 ) -> tuple[Capture, T]:
     """Checkpoint the running machine; ``consume`` reads the stream (in a thread) and returns a result."""
+    if (await machine.run("query-migrate")).get("status") == "pre-switchover":
+        await machine.run("migrate_cancel")  # a pre-copy checkpoint whose process died in the pause: QEMU
+        # restarts the guest it stopped
+    while (await machine.run("query-migrate")).get("status") in ACTIVE:
+        await asyncio.sleep(0.1)  # an abandoned checkpoint's stream is still draining
     if await machine.status() != RunState.RUNNING:
         raise QemuError(
             "The session's guest is not running, so it cannot be checkpointed now; start or resume it first.")
-    while (await machine.run("query-migrate")).get("status") in ("setup", "active", "device"):
-        await asyncio.sleep(0.1)  # an abandoned checkpoint's stream is still draining
     old = await active_layer(machine)
     new = new_layer_name()
     size = int(image_info(disks / old)["virtual-size"])
@@ -132,66 +185,150 @@ async def capture(
         "driver": "qcow2", "node-name": node_name(new), "backing": None,
         "file": {"driver": "file", "filename": str(disks / new)},
     })
-    await machine.run("migrate-set-capabilities",
-                      {"capabilities": [{"capability": "background-snapshot", "state": live}]})
-    await machine.run("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH})
+    precopy = route == Route.PRECOPY
+    await machine.run("migrate-set-capabilities", {"capabilities": [
+        {"capability": "background-snapshot", "state": route == Route.BACKGROUND},
+        {"capability": "pause-before-switchover", "state": precopy},
+        {"capability": "events", "state": True},
+    ]})
+    await machine.run("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH,
+                                                 "downtime-limit": DOWNTIME_FIRST_MS})
 
-    relay = _Relay()
+    # Pre-copy writes into our pipe: should this process die, QEMU's writes fail and its migration ends (the guest
+    # runs on).  A background snapshot must always be read to its end: the relay (see _Relay).
+    stream: _Stream = _Stream() if precopy else _Relay()
     try:
-        await machine.pass_fd(relay.qemu_fd, "sm-checkpoint")
+        await machine.pass_fd(stream.qemu_fd, "sm-checkpoint")
     finally:
-        os.close(relay.qemu_fd)
-    consumer = asyncio.ensure_future(asyncio.to_thread(relay.run, consume))
+        os.close(stream.qemu_fd)
+    consumer = asyncio.ensure_future(asyncio.to_thread(stream.run, consume))
     started = time.monotonic()
-    stopped_at: float | None = None
-    resumed_at: float | None = None
-    switched = streaming = False
+    stopped = switched = streaming = forced = False
+    events = EventListener(("STOP", "RESUME", "MIGRATION"))
     try:
-        await asyncio.to_thread(_fsync, disks / old)  # so the flush inside `stop` has little left to write
-        await machine.run("stop")
-        stopped_at = time.monotonic()
-        await machine.run("blockdev-snapshot", {"node": node_name(old), "overlay": node_name(new)})
-        switched = True
-        await machine.run("migrate", {"uri": "fd:sm-checkpoint"})
-        streaming = True
-        if live:
-            await _resume_after_device_state(machine)
-            resumed_at = time.monotonic()
-        on_layer_switched(new)
-        log.info("checkpoint: streaming memory (%s)", "live" if live else "stop-and-copy")
-        info = await _wait_migration(machine, "checkpoint", consumer)
-        if not live:
-            await machine.run("cont")
-            resumed_at = time.monotonic()
+        with machine.qmp.listen(events):
+            await asyncio.to_thread(_fsync, disks / old)  # so the flush when the guest stops has little left to write
+            if not precopy:
+                await machine.run("stop")
+                stopped = True
+                await machine.run("blockdev-snapshot", {"node": node_name(old), "overlay": node_name(new)})
+                switched = True
+            await machine.run("migrate", {"uri": "fd:sm-checkpoint"})
+            streaming = True
+            log.info("checkpoint: streaming memory (%s)", route.value)
+            if precopy:
+                forced = await _precopy(machine, events, consumer)
+                stopped = True  # by QEMU, at pre-switchover: the instant the checkpoint is of
+                # Both commands at once (QEMU runs them in order): one round trip less in the pause.  Should the
+                # snapshot fail, the checkpoint fails all the same, before anything is kept.
+                await asyncio.gather(
+                    machine.run("blockdev-snapshot", {"node": node_name(old), "overlay": node_name(new)}),
+                    machine.run("migrate-continue", {"state": "pre-switchover"}))
+                switched = True
+                on_layer_switched(new)
+                await _until(events, consumer, "completed")
+                await machine.run("cont")
+            else:
+                if route == Route.BACKGROUND:
+                    await _resume_after_device_state(machine)
+                on_layer_switched(new)
+                await _wait_migration(machine, "checkpoint", consumer)
+                if route == Route.STOP_AND_COPY:
+                    await machine.run("cont")
+            info = await machine.run("query-migrate")
+            pause_ms = _pause(events)
         result = await consumer
-        relay.proc.wait()
+        stream.finish()
     except BaseException:
-        relay.cancelled = True
-        if not (live and streaming):
+        stream.cancelled = True
+        if not (route == Route.BACKGROUND and streaming):
             # Never cancel a background snapshot: the relay drains it instead (see _Relay).
             with contextlib.suppress(QemuError):
                 await machine.run("migrate_cancel")
-        if stopped_at is not None:
+        if stopped:
             with contextlib.suppress(QemuError):
-                if await machine.status() == RunState.PAUSED:
+                while (await machine.run("query-migrate")).get("status") in ACTIVE:
+                    await asyncio.sleep(0.01)  # a cancelled pre-copy restarts the guest it stopped
+                if await machine.status() in (RunState.PAUSED, RunState.POSTMIGRATE):
                     await machine.run("cont")
         if switched:
             on_layer_switched(new)
         with contextlib.suppress(QemuError):
-            await machine.run("closefd", {"fdname": "sm-checkpoint"})  # ends the relay if QEMU never used it
+            await machine.run("closefd", {"fdname": "sm-checkpoint"})  # ends the stream if QEMU never used it
         with contextlib.suppress(BaseException):
             await consumer  # returns at its next read; its error is secondary
         raise
-    assert stopped_at is not None and resumed_at is not None
     return Capture(
-        live=live,
+        live=route != Route.STOP_AND_COPY and not forced,
+        route=route,
         frozen_layer=old,
         active_layer=new,
-        pause_ms=(resumed_at - stopped_at) * 1000,
+        pause_ms=pause_ms,
         downtime_ms=float(info.get("downtime", 0)),
         wall_s=time.monotonic() - started,
-        stream_bytes=relay.total,
+        stream_bytes=stream.total,
     ), result
+
+
+async def _precopy(machine: Machine, events: EventListener, reader: asyncio.Future[Any]) -> bool:
+    """Wait while QEMU copies RAM with the guest running, until it stops the guest at pre-switchover; whether we
+    had to stop it ourselves.
+
+    QEMU stops the guest once what is still dirty fits in ``downtime-limit`` at the rate it has been sending.
+    A guest that dirties memory faster than that would never get there: from the third pass on the limit
+    doubles with each pass (up to DOWNTIME_MAX_MS), and after PRECOPY_MAX_S we stop the guest ourselves, which
+    ends the dirtying (the rest is then copied with the guest stopped)."""
+    started = time.monotonic()
+    limit, forced = DOWNTIME_FIRST_MS, False
+    while not await _until(events, reader, "pre-switchover", PRECOPY_POLL_S):
+        passes = int((await machine.run("query-migrate")).get("ram", {}).get("dirty-sync-count", 0))
+        wanted = min(DOWNTIME_FIRST_MS << max(passes - 2, 0), DOWNTIME_MAX_MS)
+        if wanted != limit:
+            limit = wanted
+            await machine.run("migrate-set-parameters", {"downtime-limit": limit})
+        if not forced and time.monotonic() - started > PRECOPY_MAX_S:
+            log.warning("checkpoint: the guest changes its memory faster than it can be saved; stopping it for "
+                        "the rest of the copy")
+            await machine.run("stop")
+            forced = True
+    return forced
+
+
+async def _until(events: EventListener, reader: asyncio.Future[Any], status: str, timeout: float = 60.0) -> bool:
+    """Wait up to ``timeout`` for QEMU's MIGRATION event ``status``: whether it came.  QemuError if the migration
+    failed, or the error that stopped the stream's reader."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            event = await asyncio.wait_for(events.get(), min(left, 0.05))
+        except TimeoutError:
+            event = None
+        if reader.done() and (exc := reader.exception()) is not None:
+            raise exc
+        if event is not None and event["event"] == "MIGRATION":
+            said = str(cast(dict[str, Any], event["data"]).get("status"))
+            if said == status:
+                return True
+            if said in ("failed", "cancelled"):
+                raise QemuError(f"QEMU's checkpoint stream {said}.")
+    if status == "completed":
+        raise QemuError("QEMU did not finish the checkpoint's stream within a minute of stopping the guest.")
+    return False
+
+
+def _pause(events: EventListener) -> float:
+    """Milliseconds from the guest's first STOP to the RESUME after it, by QEMU's clock (the events' timestamps).
+
+    Called once ``cont`` has answered: QEMU sends the RESUME before the answer."""
+    stop = None
+    for event in events.history:
+        when = cast(dict[str, int], event["timestamp"])
+        stamp = float(when["seconds"]) + float(when["microseconds"]) / 1e6
+        if event["event"] == "STOP" and stop is None:
+            stop = stamp
+        elif event["event"] == "RESUME" and stop is not None:
+            return (stamp - stop) * 1000
+    raise QemuError("QEMU did not report the guest's stop and resume during the checkpoint.")
 
 
 async def _resume_after_device_state(machine: Machine) -> None:
@@ -274,7 +411,33 @@ async def _wait_migration(machine: Machine, what: str, reader: asyncio.Future[T]
         delay = min(delay * 2, 0.05)
 
 
-class _Relay:
+class _Stream:
+    """QEMU -> a pipe -> us: ``qemu_fd`` is QEMU's end (to pass it and close it here), ``run`` reads ours."""
+
+    def __init__(self) -> None:
+        self.fd, self.qemu_fd = _pipe()
+        self.total = 0
+        self.cancelled = False
+
+    def read(self, n: int) -> bytes:
+        if self.cancelled:
+            raise QemuError("The checkpoint was cancelled.")
+        data = os.read(self.fd, n)
+        self.total += len(data)
+        return data
+
+    def run(self, consume: Callable[[Callable[[int], bytes]], T]) -> T:
+        """Run ``consume`` on the stream (in a worker thread), then close our end (QEMU's further writes fail)."""
+        try:
+            return consume(self.read)
+        finally:
+            os.close(self.fd)
+
+    def finish(self) -> None:
+        """Called once the stream was read to its end."""
+
+
+class _Relay(_Stream):
     """QEMU -> relay -> us.
 
     QEMU 7.2 deadlocks when a background snapshot stops mid-stream (cancelled,
@@ -297,16 +460,5 @@ class _Relay:
         self.total = 0
         self.cancelled = False
 
-    def read(self, n: int) -> bytes:
-        if self.cancelled:
-            raise QemuError("The checkpoint was cancelled.")
-        data = os.read(self.fd, n)
-        self.total += len(data)
-        return data
-
-    def run(self, consume: Callable[[Callable[[int], bytes]], T]) -> T:
-        """Run ``consume`` on the stream (in a worker thread); closing our end lets the relay drain."""
-        try:
-            return consume(self.read)
-        finally:
-            os.close(self.fd)
+    def finish(self) -> None:
+        self.proc.wait()
