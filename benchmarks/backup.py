@@ -22,12 +22,10 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,8 +39,8 @@ os.environ.setdefault("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
 import obstore
 from obstore.store import S3Store
 
-from benchmarks.checkpoint import wait_migrated
-from benchmarks.common import guest_arguments, machine_line, wait_serial
+from benchmarks.checkpoint import background_snapshot
+from benchmarks.common import WorkMeter, guest_arguments, machine_line, wait_serial
 from helpers.s3server import S3Server, s3_server
 from session_manager.cli import _setup_logging
 from session_manager.guests.testguest import build
@@ -56,52 +54,6 @@ from session_manager.vm.machine import Machine
 
 MiB = 1 << 20
 OBJECTS = ("keys/", "data/", "index/", "checkpoints/", "annotations/")  # and config; locks/ are not copied
-
-
-class WorkMeter(threading.Thread):
-    """Follows the guest's serial log; each `work N` line becomes (previous line's arrival, arrival, N)."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(daemon=True)
-        self.path = path
-        self.lines: list[tuple[float, float, int]] = []
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        with open(self.path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            rest, last = b"", None
-            while not self.done.wait(0.01):
-                chunk = f.read()
-                now = time.monotonic()
-                *complete, rest = (rest + chunk).split(b"\n")
-                for line in complete:
-                    m = re.fullmatch(rb"work (\d+)\r?", line)
-                    if m:
-                        if last is not None:
-                            self.lines.append((last, now, int(m[1])))
-                        last = now
-
-    def wait_lines(self, n: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.lines) < n:
-            if time.monotonic() > deadline:
-                raise SystemExit("the guest prints no `work N` lines (sm.work=1)")
-            time.sleep(0.1)
-
-    def before(self, start: float, end: float) -> float:
-        """Mean rate of the seconds wholly inside [start, end]."""
-        rates = [n for a, b, n in self.lines if a >= start and b <= end]
-        if not rates:
-            raise SystemExit(f"no `work N` line between {start:.1f} and {end:.1f}")
-        return statistics.fmean(rates)
-
-    def during(self, start: float, end: float) -> tuple[float, int]:
-        """Rate over [start, end] (each overlapping second weighted by its overlap) and the lowest of those seconds."""
-        parts = [(min(b, end) - max(a, start), n) for a, b, n in self.lines if b > start and a < end]
-        if not parts:
-            raise SystemExit(f"no `work N` line overlaps {start:.1f}..{end:.1f}")
-        return sum(w * n for w, n in parts) / sum(w for w, _ in parts), min(n for _, n in parts)
 
 
 def objects(backend: Backend) -> dict[str, int]:
@@ -190,14 +142,9 @@ def main() -> None:
                 await asyncio.sleep(max(0.0, quiet + a.gap - time.monotonic()))
                 print(f"QEMU's own background snapshot {i + 1} of {a.autosaves}...", file=sys.stderr)
                 async with Machine.connect(engine.sockets(session)) as m:
-                    await m.run("migrate-set-capabilities",
-                                {"capabilities": [{"capability": "background-snapshot", "state": True}]})
                     t0 = time.monotonic()
-                    await m.run("migrate", {"uri": f"exec:cat > {raw}"})
-                    await wait_migrated(m)
+                    await background_snapshot(m, f"exec:cat > {raw}")
                     t1 = time.monotonic()
-                    await m.run("migrate-set-capabilities",
-                                {"capabilities": [{"capability": "background-snapshot", "state": False}]})
                 raw.unlink()
                 r["raw"].append({"window": (t0, t1), "quiet": quiet})
                 quiet = time.monotonic() + 1

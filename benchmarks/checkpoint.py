@@ -12,6 +12,15 @@ Prints Markdown tables (paste them into docs/benchmarks.md):
 - stored bytes of two checkpoints ``--gap`` seconds apart vs the raw stream and the qcow2 growth under savevm;
 - ingest throughput vs ``cat FILE > FILE2``; restore vs stock QEMU loading the raw file;
 - peak RSS of the checkpointing process.
+
+    .venv/bin/python benchmarks/checkpoint.py --sizes 1,4,8 [--count 5] [--dirty 4] [--window 32] [--gap 10]
+
+measures instead the guest's pause of each checkpoint as memory grows (issue #15): for each size (GiB) a test guest
+with 80 % of its RAM random-filled, re-dirtying ``--dirty`` MiB/s and its work-rate meter on, ``--count`` of our
+checkpoints ``--gap`` s apart, then as many of QEMU's own background snapshots (``migrate`` with
+background-snapshot into ``exec:cat > /dev/null``) on the same guest.  Our checkpoints are pre-copy migrations,
+which leave the host's mappings of guest memory as they were, so QEMU's first snapshot there is a first one as on
+a fresh guest.  Both pauses are QEMU's STOP to RESUME events (QEMU's clock); QEMU's own "downtime" is shown too.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import asyncio
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import default_qemus, guest_arguments, machine_line, print_table, wait_serial
+from qemu.qmp import EventListener
+
+from benchmarks.common import WorkMeter, default_qemus, guest_arguments, machine_line, print_table, wait_serial
 from session_manager.cli import _setup_logging
 from session_manager.guests.testguest import build
 from session_manager.local.engine import Engine
@@ -81,6 +93,18 @@ async def wait_migrated(m: Machine) -> dict:
         await asyncio.sleep(0.005)
 
 
+async def background_snapshot(m: Machine, uri: str) -> dict:
+    """QEMU's own background snapshot of the running guest into ``uri`` (the baseline): its query-migrate answer.
+    Our checkpoints leave pause-before-switchover on, which background-snapshot excludes."""
+    await m.run("migrate-set-capabilities", {"capabilities": [
+        {"capability": "pause-before-switchover", "state": False},
+        {"capability": "background-snapshot", "state": True}]})
+    await m.run("migrate", {"uri": uri})
+    info = await wait_migrated(m)
+    await m.run("migrate-set-capabilities", {"capabilities": [{"capability": "background-snapshot", "state": False}]})
+    return info
+
+
 def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
@@ -89,8 +113,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     guest_arguments(ap)
     ap.add_argument("--gap", type=float, default=10, help="seconds between the two checkpoints")
+    ap.add_argument("--sizes", help="GiB, comma-separated: measure the pause of each checkpoint at these sizes")
+    ap.add_argument("--count", type=int, default=5, help="--sizes: checkpoints (and QEMU's own snapshots) per size")
     a = ap.parse_args()
     os.environ.setdefault("SESSION_MANAGER_ACCEL", "tcg")
+    if a.sizes:
+        sizes(a, [int(n) for n in a.sizes.split(",")])
+        return
     results = []
     for path in a.qemu or default_qemus():
         os.environ["SESSION_MANAGER_QEMU"] = path
@@ -100,6 +129,90 @@ def main() -> None:
     print(f"Guest: {a.memory} MiB RAM, {a.fill} MiB random-filled, re-dirtying {a.dirty} MiB/s in a {a.window} MiB "
           f"window; checkpoints {a.gap:.0f} s apart.\n")
     print_table(results)
+
+
+def sizes(a: argparse.Namespace, gibs: list[int]) -> None:
+    rows = []
+    for path in a.qemu or default_qemus():
+        os.environ["SESSION_MANAGER_QEMU"] = path
+        for gib in gibs:
+            print(f"{gib} GiB on {find_qemu(path).describe()}...", file=sys.stderr)
+            rows.append((find_qemu(path).version_text, gib, pauses_at(a, gib)))
+    shown = sorted({1, 2, a.count})
+    print(f"\n{machine_line([v for v in dict.fromkeys(v for v, _, _ in rows)])}")
+    print(f"Guest: 80 % of its RAM random-filled, re-dirtying {a.dirty} MiB/s in a {a.window} MiB window, work-rate "
+          f"meter on; {a.count} checkpoints {a.gap:.0f} s apart, then {a.count} of QEMU's own background snapshots "
+          "on the same guest. Pause: QEMU's STOP to RESUME events; in brackets QEMU's own \"downtime\".\n")
+    nth = " / ".join(f"#{n}" for n in shown)
+    print(f"| QEMU | RAM | ours: pause {nth} | QEMU's background snapshot: pause {nth} | ours: wall {nth} "
+          f"| ours: stored #2–#{a.count} (median) | guest work rate during ours / QEMU's (of the rate before) |")
+    print("|---|---|---|---|---|---|---|")
+    for version, gib, r in rows:
+        def cell(key: str, which: str, r: dict = r) -> str:
+            return " / ".join(f"{r[which][n - 1][key]:.0f}" for n in shown)
+        ours = " / ".join(f"{x['pause']:.1f}" for x in (r["ours"][n - 1] for n in shown))
+        theirs = " / ".join(f"{x['pause']:.0f} ({x['downtime']:.0f})" for x in (r["theirs"][n - 1] for n in shown))
+        walls = " / ".join(f"{r['ours'][n - 1]['wall']:.1f}" for n in shown)
+        stored = statistics.median(x["added"] for x in r["ours"][1:]) / MiB
+        rate = [statistics.median(x["rate"] for x in r[k]) for k in ("ours", "theirs")]
+        print(f"| {version} | {gib} GiB | {ours} ms | {theirs} ms | {walls} s | {stored:.1f} MiB "
+              f"| {rate[0]:.0%} / {rate[1]:.0%} |")
+
+
+def pauses_at(a: argparse.Namespace, gib: int) -> dict[str, list[dict[str, float]]]:
+    """``--count`` of our checkpoints, then as many QEMU background snapshots, on one guest of ``gib`` GiB."""
+    work = Path(tempfile.mkdtemp(prefix="sm-bench-", dir=os.environ.get("BENCH_DIR")))
+    engine = Engine(Home.locate(work / "home"))
+    _setup_logging(engine.home, verbose=False)
+    kernel, initrd = build(ROOT / ".cache" / "testguest")
+    append = f"console=ttyS0 quiet sm.fill={gib * 1024 * 4 // 5} sm.dirty={a.dirty} sm.window={a.window} sm.work=1"
+    engine.new_session("bench", kernel=kernel, initrd=initrd, append=append, memory_mib=gib * 1024, cpus=1,
+                       disk_size=1 << 30)
+    session = engine.session("bench")
+    out: dict[str, list[dict[str, float]]] = {"ours": [], "theirs": []}
+
+    async def run() -> None:
+        await engine.start("bench")
+        await asyncio.to_thread(wait_serial, session.serial_log, r"^ready")
+        meter = WorkMeter(session.serial_log)
+        meter.start()
+        await asyncio.to_thread(meter.wait_lines, 3)
+        quiet = time.monotonic()
+        try:
+            for which in ("ours", "theirs"):
+                for _ in range(a.count):
+                    await asyncio.sleep(max(0.0, quiet + a.gap - time.monotonic()))
+                    t0 = time.monotonic()
+                    if which == "ours":
+                        info = await engine.checkpoint("bench")
+                        r = {"pause": info.meta.pause_ms or 0.0, "downtime": info.meta.downtime_ms or 0.0,
+                             "wall": info.meta.wall_s or 0.0, "added": float(info.added_bytes)}
+                    else:
+                        r = await qemu_snapshot(engine.sockets(session))
+                    t1 = time.monotonic()
+                    r["rate"] = meter.during(t0, t1)[0] / meter.before(quiet, t0)
+                    out[which].append(r)
+                    quiet = time.monotonic() + 1
+        finally:
+            meter.done.set()
+            await engine.stop("bench", save=False)
+
+    asyncio.run(run())
+    subprocess.run(["rm", "-rf", str(work)])
+    return out
+
+
+async def qemu_snapshot(sockets: Sockets) -> dict[str, float]:
+    """QEMU's own background snapshot into /dev/null: its pause (STOP to RESUME events) and downtime."""
+    events = EventListener(("STOP", "RESUME"))
+    async with Machine.connect(sockets) as m:
+        with m.qmp.listen(events):
+            info = await background_snapshot(m, "exec:cat > /dev/null")
+            stamps: dict[str, float] = {}
+            for e in events.history:
+                when: dict = e["timestamp"]  # type: ignore[assignment]
+                stamps[str(e["event"])] = when["seconds"] + when["microseconds"] / 1e6
+    return {"pause": (stamps["RESUME"] - stamps["STOP"]) * 1000, "downtime": float(info.get("downtime", 0))}
 
 
 def measure(a: argparse.Namespace) -> list[tuple[str, str, str, str]]:
@@ -129,14 +242,9 @@ def measure(a: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     async def baselines() -> dict:
         r: dict = {}
         async with Machine.connect(sockets) as m:
-            await m.run("migrate-set-capabilities",
-                        {"capabilities": [{"capability": "background-snapshot", "state": True}]})
             t = time.monotonic()
-            await m.run("migrate", {"uri": f"exec:cat > {raw}"})
-            info = await wait_migrated(m)
+            info = await background_snapshot(m, f"exec:cat > {raw}")
             r["raw_wall"], r["raw_downtime"] = time.monotonic() - t, info.get("downtime", 0)
-            await m.run("migrate-set-capabilities",
-                        {"capabilities": [{"capability": "background-snapshot", "state": False}]})
             top = session.layer_path(await active_layer(m))
             before = allocated(top)
             t = time.monotonic()
@@ -207,7 +315,7 @@ def measure(a: argparse.Namespace) -> list[tuple[str, str, str, str]]:
                  f"{m1['pause_ms'] / (b['savevm_pause'] * 1000):.4f}× savevm"))
     rows.append(("guest pause, 2nd checkpoint (of which QEMU's downtime)",
                  f"{m2['pause_ms']:.1f} ms ({m2['downtime_ms']:.0f} ms)",
-                 f"background snapshot, 3rd: downtime {b['raw_downtime']:.0f} ms", ""))
+                 f"QEMU's own background snapshot: downtime {b['raw_downtime']:.0f} ms", ""))
     rows.append(("checkpoint wall time (1st, in-process)", f"{m1['wall_s']:.2f} s",
                  f"migrate exec:cat > file {b['raw_wall']:.2f} s", f"{m1['wall_s'] / b['raw_wall']:.2f}×"))
     rows.append(("checkpoint wall time (2nd, in-process)", f"{m2['wall_s']:.2f} s", "",

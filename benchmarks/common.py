@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the machine line that heads each table in docs/benchmarks.md."""
+"""What the benchmark scripts share: the machine line that heads each table in docs/benchmarks.md, the test guest's
+arguments, the guest's work-rate meter."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import os
 import platform
 import re
+import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -61,3 +64,49 @@ def wait_serial(path: Path, pattern: str, timeout: float = 900) -> None:
             return
         time.sleep(0.5)
     raise SystemExit(f"the guest never printed {pattern!r}")
+
+
+class WorkMeter(threading.Thread):
+    """Follows the guest's serial log; each `work N` line becomes (previous line's arrival, arrival, N)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.path = path
+        self.lines: list[tuple[float, float, int]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        with open(self.path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            rest, last = b"", None
+            while not self.done.wait(0.01):
+                chunk = f.read()
+                now = time.monotonic()
+                *complete, rest = (rest + chunk).split(b"\n")
+                for line in complete:
+                    m = re.fullmatch(rb"work (\d+)\r?", line)
+                    if m:
+                        if last is not None:
+                            self.lines.append((last, now, int(m[1])))
+                        last = now
+
+    def wait_lines(self, n: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.lines) < n:
+            if time.monotonic() > deadline:
+                raise SystemExit("the guest prints no `work N` lines (sm.work=1)")
+            time.sleep(0.1)
+
+    def before(self, start: float, end: float) -> float:
+        """Mean rate of the seconds wholly inside [start, end]."""
+        rates = [n for a, b, n in self.lines if a >= start and b <= end]
+        if not rates:
+            raise SystemExit(f"no `work N` line between {start:.1f} and {end:.1f}")
+        return statistics.fmean(rates)
+
+    def during(self, start: float, end: float) -> tuple[float, int]:
+        """Rate over [start, end] (each overlapping second weighted by its overlap) and the lowest of those seconds."""
+        parts = [(min(b, end) - max(a, start), n) for a, b, n in self.lines if b > start and a < end]
+        if not parts:
+            raise SystemExit(f"no `work N` line overlaps {start:.1f}..{end:.1f}")
+        return sum(w * n for w, n in parts) / sum(w for w, _ in parts), min(n for _, n in parts)
