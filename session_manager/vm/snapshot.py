@@ -245,10 +245,10 @@ async def capture(
             # Never cancel a background snapshot: the relay drains it instead (see _Relay).
             with contextlib.suppress(QemuError):
                 await machine.run("migrate_cancel")
-        if stopped:
+        if stopped or precopy:  # (pre-copy: we may have stopped a guest that dirtied memory too fast)
             with contextlib.suppress(QemuError):
                 while (await machine.run("query-migrate")).get("status") in ACTIVE:
-                    await asyncio.sleep(0.01)  # a cancelled pre-copy restarts the guest it stopped
+                    await asyncio.sleep(0.01)  # a cancelled pre-copy restarts the guest QEMU stopped
                 if await machine.status() in (RunState.PAUSED, RunState.POSTMIGRATE):
                     await machine.run("cont")
         if switched:
