@@ -227,14 +227,14 @@ async def capture(
                 switched = True
                 on_layer_switched(new)
                 await _until(events, consumer, "completed")
-                await machine.run("cont")
+                await _cont_after_migration(machine)
             else:
                 if route == Route.BACKGROUND:
                     await _resume_after_device_state(machine)
                 on_layer_switched(new)
                 await _wait_migration(machine, "checkpoint", consumer)
                 if route == Route.STOP_AND_COPY:
-                    await machine.run("cont")
+                    await _cont_after_migration(machine)
             info = await machine.run("query-migrate")
             pause_ms = _pause(events)
         result = await consumer
@@ -314,6 +314,14 @@ async def _until(events: EventListener, reader: asyncio.Future[Any], status: str
     if status == "completed":
         raise QemuError("QEMU did not finish the checkpoint's stream within a minute of stopping the guest.")
     return False
+
+
+async def _cont_after_migration(machine: Machine) -> None:
+    """``cont`` once QEMU has finalized a completed migration: it reports "completed" while the guest is still in
+    finish-migrate, and refuses ``cont`` until its clean-up has moved it to postmigrate (seen on QEMU 10.0)."""
+    while await machine.status() == RunState.FINISH_MIGRATE:
+        await asyncio.sleep(0.001)
+    await machine.run("cont")
 
 
 def _pause(events: EventListener) -> float:
