@@ -457,7 +457,8 @@ class _Relay(_Stream):
     """
 
     def __init__(self) -> None:
-        relay_in, self.qemu_fd = _pipe()
+        super().__init__()
+        relay_in = self.fd  # the relay reads QEMU's pipe, and writes a second one, which we read
         self.fd, relay_out = _pipe()
         self.proc = subprocess.Popen(
             ["sh", "-c", "cat || exec cat >/dev/null"], stdin=relay_in, stdout=relay_out,
@@ -465,8 +466,6 @@ class _Relay(_Stream):
         )
         os.close(relay_in)
         os.close(relay_out)
-        self.total = 0
-        self.cancelled = False
 
     def finish(self) -> None:
         self.proc.wait()
